@@ -1,0 +1,108 @@
+"""Restricted unpickling: load proposal and cache pickles without ever running code from them.
+
+Only plain data is admitted: NumPy arrays, dtypes and scalars, lists, tuples, dicts, sets, strings, bytes and
+numbers. Any other global a pickle names (``os.system``, ``builtins.eval``, a class, ...) stops the load with an
+:class:`~roidb.errors.UnsafePickleError` naming the file and the global, before anything is called.
+
+py2-era pickles (py-faster-rcnn's ``cPickle`` output, protocol 2 with ``__builtin__`` and byte strings) load with
+``encoding='latin1'``, the setting NumPy needs for their array payloads.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+
+from roidb.errors import DataError, UnsafePickleError
+
+__all__ = ["safe_load", "safe_loads", "allowed_globals"]
+
+
+def _numpy_core_module(name: str):
+    """``numpy._core.<name>`` on NumPy >= 2, ``numpy.core.<name>`` before (no deprecation shim)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"numpy._core.{name}")
+    except ImportError:
+        return importlib.import_module(f"numpy.core.{name}")
+
+
+def _build_allow_list() -> dict[tuple[str, str], Any]:
+    multiarray = _numpy_core_module("multiarray")
+    numeric = _numpy_core_module("numeric")
+    import codecs
+
+    allowed: dict[tuple[str, str], Any] = {}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    # Protocol-2 pickles written by Python 3 store bytes as _codecs.encode(text, 'latin1').
+    allowed[("_codecs", "encode")] = codecs.encode
+    for mod in ("builtins", "__builtin__"):
+        for obj in (list, tuple, dict, set, frozenset, bytearray, bytes, str, int, float, complex, bool):
+            allowed[(mod, obj.__name__)] = obj
+    allowed[("__builtin__", "unicode")] = str
+    allowed[("__builtin__", "long")] = int
+    allowed[("collections", "OrderedDict")] = collections.OrderedDict
+    return allowed
+
+
+_ALLOWED = _build_allow_list()
+
+
+def allowed_globals() -> list[str]:
+    """The ``module.name`` globals a pickle may reference, sorted."""
+    return sorted(f"{m}.{n}" for m, n in _ALLOWED)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, source: str):
+        super().__init__(file, encoding="latin1")
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                self._source,
+                f"refused to unpickle global '{module}.{name}' (only NumPy arrays, lists, tuples, dicts "
+                "and plain scalars are allowed); nothing from the file was run") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(self._source, "refused a persistent id in the pickle (not plain data)")
+
+
+def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
+    """Unpickle ``data`` through the allow-list; ``source`` names it in error messages."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), source).load()
+    except DataError:
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, EOFError) or "truncated" in detail:
+            raise DataError(source, f"truncated pickle ({detail})") from None
+        raise DataError(source, f"corrupt or unreadable pickle ({type(exc).__name__}: {detail})") from None
+
+
+def safe_load(path: str | os.PathLike) -> Any:
+    """Unpickle the file at ``path`` through the allow-list (see the module docstring)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(path, f"cannot read pickle ({exc.strerror or exc})") from None
+    if not data:
+        raise DataError(path, "empty file, not a pickle")
+    return safe_loads(data, path)

@@ -6,78 +6,15 @@ NumPy entries (docs/architecture.md). The imdb is duck-typed: anything with ``ro
 """
 from __future__ import annotations
 
-import struct
-from os import PathLike
 from typing import Any, Iterable, Sequence
 
-import cv2
 import numpy as np
 
 from kernels.boxes import bbox_overlaps, bbox_transform
-from roidb.errors import DataError
+from roidb.imdb import read_image_size
 
-__all__ = ["image_size", "prepare_roidb", "add_bbox_regression_targets", "compute_bbox_targets",
+__all__ = ["prepare_roidb", "add_bbox_regression_targets", "compute_bbox_targets",
            "filter_roidb", "get_training_roidb", "combined_roidb"]
-
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are not frames.
-_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _jpeg_size(f) -> tuple[int, int] | None:
-    """(width, height) from the first SOF segment of an open JPEG file, or None if none is found."""
-    if f.read(2) != b"\xff\xd8":
-        return None
-    while True:
-        byte = f.read(1)
-        while byte and byte != b"\xff":
-            byte = f.read(1)
-        while byte == b"\xff":
-            byte = f.read(1)
-        if not byte:
-            return None
-        marker = byte[0]
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
-            continue
-        seg = f.read(2)
-        if len(seg) != 2:
-            return None
-        length = struct.unpack(">H", seg)[0]
-        if marker in _SOF_MARKERS:
-            frame = f.read(5)
-            if len(frame) != 5:
-                return None
-            height, width = struct.unpack(">HH", frame[1:5])
-            return (width, height) if width > 0 and height > 0 else None
-        if marker == 0xD9 or length < 2:
-            return None
-        f.seek(length - 2, 1)
-
-
-def _png_size(head: bytes) -> tuple[int, int] | None:
-    if head[:8] == _PNG_MAGIC and head[12:16] == b"IHDR":
-        return struct.unpack(">II", head[16:24])
-    return None
-
-
-def image_size(path: str | PathLike) -> tuple[int, int]:
-    """(width, height) of an image file, read from the JPEG SOF or PNG IHDR header; other formats are decoded."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-            size = _png_size(head)
-            if size is None and head[:2] == b"\xff\xd8":
-                f.seek(0)
-                size = _jpeg_size(f)
-    except OSError as e:
-        raise DataError(path, f"cannot read image ({e.strerror})") from None
-    if size is not None:
-        return size
-    im = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if im is None:
-        raise DataError(path, "not a readable image")
-    return im.shape[1], im.shape[0]
-
 
 def _max_overlaps(entry: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
     overlaps = entry["gt_overlaps"]
@@ -100,8 +37,8 @@ def prepare_roidb(imdb_or_roidb: Any, image_paths: Sequence[str] | None = None,
     Args:
         imdb_or_roidb: an imdb (its ``roidb`` and ``image_path_at(i)`` are used) or a list of entries.
         image_paths: one path per entry; required for a plain list, defaults to ``imdb.image_path_at(i)``.
-        sizes: one ``(width, height)`` per entry; when omitted they are read from the image headers
-            (:func:`image_size`), once per distinct path, so flipped copies cost nothing.
+        sizes: one ``(width, height)`` per entry; when omitted they come from ``imdb.image_sizes()`` (the gt
+            cache) or, for a plain list, from the image headers once per distinct path.
     Returns:
         The roidb list (the same dicts, updated).
     """
@@ -111,6 +48,8 @@ def prepare_roidb(imdb_or_roidb: Any, image_paths: Sequence[str] | None = None,
             raise ValueError("prepare_roidb: a plain roidb list needs image_paths")
     else:
         roidb = imdb_or_roidb.roidb
+        if sizes is None and hasattr(imdb_or_roidb, "image_sizes"):
+            sizes = [(int(w), int(h)) for h, w in imdb_or_roidb.image_sizes()]
         if image_paths is None:
             image_paths = [imdb_or_roidb.image_path_at(i) for i in range(len(roidb))]
     if len(image_paths) != len(roidb) or (sizes is not None and len(sizes) != len(roidb)):
@@ -122,8 +61,8 @@ def prepare_roidb(imdb_or_roidb: Any, image_paths: Sequence[str] | None = None,
             width, height = sizes[i]
         else:
             if str(path) not in known:
-                known[str(path)] = image_size(path)
-            width, height = known[str(path)]
+                known[str(path)] = read_image_size(path)
+            height, width = known[str(path)]
         entry["image"] = str(path)
         entry["width"], entry["height"] = int(width), int(height)
         entry["max_classes"], entry["max_overlaps"] = _max_overlaps(entry, f"roidb entry {i} ({path})")

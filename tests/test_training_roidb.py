@@ -8,7 +8,8 @@ import pytest
 from kernels.boxes import bbox_overlaps
 from roidb.errors import DataError
 from roidb.training import (add_bbox_regression_targets, combined_roidb, compute_bbox_targets, filter_roidb,
-                            get_training_roidb, image_size, prepare_roidb)
+                            get_training_roidb, prepare_roidb)
+from roidb.imdb import read_image_size
 
 
 def write(path, h, w, params=()):
@@ -21,7 +22,7 @@ def write(path, h, w, params=()):
                                          ("a.png", ()), ("a.bmp", ())])
 def test_image_size_matches_decoded_shape(tmp_path, name, params):
     path = write(tmp_path / name, 37, 53, params)
-    assert image_size(path) == (53, 37)
+    assert read_image_size(path) == (37, 53)
 
 
 def test_image_size_skips_exif_segments(tmp_path):
@@ -33,15 +34,15 @@ def test_image_size_skips_exif_segments(tmp_path):
     patched = tmp_path / "exif.jpg"
     patched.write_bytes(data[:2] + app1 + data[2:])
     assert cv2.imread(str(patched)).shape[:2] == (21, 34)
-    assert image_size(patched) == (34, 21)
+    assert read_image_size(patched) == (21, 34)
 
 
 def test_image_size_bad_files(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"not an image")
     with pytest.raises(DataError, match="junk.jpg: not a readable image"):
-        image_size(tmp_path / "junk.jpg")
-    with pytest.raises(DataError, match="missing.jpg: cannot read image"):
-        image_size(tmp_path / "missing.jpg")
+        read_image_size(tmp_path / "junk.jpg")
+    with pytest.raises(DataError, match="missing.jpg: image file not found"):
+        read_image_size(tmp_path / "missing.jpg")
 
 
 def entry(boxes, gt_classes, overlaps):

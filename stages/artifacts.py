@@ -1,0 +1,167 @@
+"""Artefacts on disk: atomic writes, sha256 digests, and the per-step manifest.json with its done/stale check.
+
+A manifest is JSON:
+    {"step": "stage2", "status": "running" | "done", "fingerprint": "<sha256>",
+     "fingerprint_parts": {"version": ..., "keys": {key: value}, "inputs": {name: sha256}, "extra": ...},
+     "inputs": {name: sha256}, "outputs": {relpath: sha256}, "timings": {...}, "metrics": {...},
+     "progress": {"iteration": k, "total": N}}
+Every file is written to a temporary name in its own folder, fsynced and renamed into place, so a crash never
+leaves a half-written file under a final name; a failed write removes the temporary and keeps the old file.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+_CHUNK = 1 << 20
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and os.replace it onto `path`, else remove it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; artefacts get the usual permissions
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(err, OSError) and err.filename is None:
+            raise OSError(err.errno, f"{err.strerror or err} while writing", str(final)) from err
+        raise
+    _fsync_dir(final.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` atomically (the previous file survives any failure)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_digests: dict[tuple[str, int, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (remembered per (path, inode, size, mtime) within this process)."""
+    stat = os.stat(path)
+    key = (os.fspath(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def outputs_digest(outputs: dict[str, str]) -> str:
+    """One sha256 standing for a step's outputs {relpath: sha256}: what downstream fingerprints consume."""
+    return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_manifest(step_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The step's manifest, or None when it is absent or unreadable (never raises for a torn file)."""
+    try:
+        with open(Path(step_dir) / MANIFEST, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_manifest(step_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    atomic_write_json(Path(step_dir) / MANIFEST, manifest)
+
+
+def update_manifest(step_dir: str | os.PathLike[str], **fields: Any) -> dict[str, Any]:
+    """Read, update the given top-level fields, and write the manifest back atomically."""
+    manifest = read_manifest(step_dir) or {}
+    manifest.update(fields)
+    write_manifest(step_dir, manifest)
+    return manifest
+
+
+def hash_outputs(step_dir: str | os.PathLike[str], relpaths: list[str]) -> dict[str, str]:
+    """{relpath: sha256} for the files a step produced; a missing one raises FileNotFoundError naming it."""
+    root = Path(step_dir)
+    result = {}
+    for rel in relpaths:
+        path = root / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"output {rel} of {root.name} does not exist ({path})")
+        result[rel] = sha256_file(path)
+    return result
+
+
+def stale_reason(step_dir: str | os.PathLike[str], fingerprint: str,
+                 parts: dict[str, Any] | None = None, verify_hashes: bool = True) -> str | None:
+    """None when the step is done and current, else why not: 'missing', 'partial at iteration k/N',
+    'fingerprint changed: TEST.NMS', 'output model.pt missing', 'output model.pt sha256 mismatch', ..."""
+    manifest = read_manifest(step_dir)
+    if manifest is None:
+        return "missing" if not (Path(step_dir) / MANIFEST).exists() else "manifest unreadable"
+    if manifest.get("status") != "done":
+        progress = manifest.get("progress") or {}
+        if "iteration" in progress and "total" in progress:
+            return f"partial at iteration {progress['iteration']}/{progress['total']}"
+        return "partial (interrupted)"
+    if manifest.get("fingerprint") != fingerprint:
+        return "fingerprint changed: " + describe_change(manifest.get("fingerprint_parts") or {}, parts or {})
+    for rel, recorded in (manifest.get("outputs") or {}).items():
+        path = Path(step_dir) / rel
+        if not path.is_file():
+            return f"output {rel} missing"
+        if verify_hashes and sha256_file(path) != recorded:
+            return f"output {rel} sha256 mismatch"
+    return None
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Names what differs between two fingerprint_parts: config keys, inputs, code version."""
+    changed: list[str] = []
+    old_keys, new_keys = old.get("keys") or {}, new.get("keys") or {}
+    changed += sorted(k for k in set(old_keys) | set(new_keys) if old_keys.get(k, ...) != new_keys.get(k, ...))
+    old_in, new_in = old.get("inputs") or {}, new.get("inputs") or {}
+    changed += [f"input {k}" for k in sorted(set(old_in) | set(new_in)) if old_in.get(k) != new_in.get(k)]
+    if old.get("version") != new.get("version"):
+        changed.append("step code version")
+    if old.get("extra") != new.get("extra"):
+        changed.append("extra")
+    return ", ".join(changed) if changed else "unknown (no recorded parts)"

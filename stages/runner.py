@@ -1,0 +1,446 @@
+"""Runs the selected steps in order: skip what is done, resume what is partial, run the rest (in this process or
+in a fresh child process each), and record each step's outputs, timings and metrics in its manifest.
+
+Step bodies are registered by id (`register_step("stage1", fn)`); a body is `fn(ctx: StepContext) ->
+StepResult` (or a dict with "outputs" and "metrics"), writing its files under `ctx.step_dir`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .artifacts import (hash_outputs, outputs_digest, read_manifest, sha256_file, stale_reason,
+                        atomic_write_json, update_manifest, write_manifest)
+from .config import Config, SolverSettings, dump_config, experiment_dir, resolve_path, solver_settings
+from .errors import Interrupted, MissingStepBodyError, PipelineError, StepFailedError
+from .graph import M0, STEP_ORDER, Selection, Step, downstream_steps, fingerprint_parts, get_step, hash_parts
+from .graph import select_steps
+from .lock import RunLock, interrupt_guard, lock_holder_alive, read_lock
+from .train import BatchLoader, LossFn, TrainResult, train_loop
+
+_RESULT = ".result.json"
+_CHILD_GRACE_S = 120.0
+
+
+@dataclass
+class StepResult:
+    """What a body returns: the files it wrote (relative to its step folder) and metrics for the manifest."""
+    outputs: list[str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """A finished upstream step: its folder and its recorded outputs as absolute paths."""
+    step: str
+    dir: Path
+    outputs: dict[str, Path]
+
+
+@dataclass
+class StepContext:
+    """Everything a body gets: config, its own folder, its inputs' artefacts, the M0 weights, a logger."""
+    step: Step
+    config: Config
+    exp_dir: Path
+    step_dir: Path
+    inputs: dict[str, StepInput]
+    weights: Path | None
+    echo: Callable[[str], None] = print
+
+    def log(self, message: str) -> None:
+        self.echo(f"[{self.step.id}] {message}")
+
+    def input_file(self, step_id: str, relpath: str) -> Path:
+        """Absolute path of output `relpath` of upstream step `step_id`."""
+        if step_id not in self.inputs or relpath not in self.inputs[step_id].outputs:
+            raise KeyError(f"{self.step.id}: no input {step_id}/{relpath}")
+        return self.inputs[step_id].outputs[relpath]
+
+    def report_progress(self, iteration: int, total: int) -> None:
+        """Record 'partial at iteration k/N' in the manifest (called after each snapshot)."""
+        update_manifest(self.step_dir, progress={"iteration": iteration, "total": total})
+
+    def train(self, model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, **kwargs: Any) -> TrainResult:
+        """`train_loop` with this training step's solver (PIPELINE.STAGEk_*), PIPELINE.AMP and LOG_EVERY, writing
+        into the step folder and recording progress in the manifest; kwargs go to `train_loop`
+        (param_groups, numpy_rngs, checkpoint_fn, progress)."""
+        s = self.solver
+        settings: dict[str, Any] = dict(
+            iters=s.iters, lr=s.lr, stepsize=s.stepsize, gamma=s.gamma, momentum=s.momentum,
+            weight_decay=s.weight_decay, snapshot_iters=s.snapshot_iters, out_dir=self.step_dir,
+            amp=self.config.get("PIPELINE.AMP"), log_every=self.config.get("PIPELINE.LOG_EVERY"),
+            progress_callback=self.report_progress, label=self.step.id, echo=self.log)
+        settings.update(kwargs)
+        return train_loop(model, loss_fn, loader, **settings)
+
+    @property
+    def solver(self) -> SolverSettings:
+        return solver_settings(self.config, self.step.stage)
+
+    @property
+    def device(self) -> torch.device:
+        """PIPELINE.DEVICE with 'auto' resolved: CUDA when available, else the CPU."""
+        wanted = self.config.get("PIPELINE.DEVICE")
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise StepFailedError("PIPELINE.DEVICE is cuda but no CUDA device is available")
+        if wanted == "auto":
+            wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(wanted)
+
+
+StepBody = Callable[[StepContext], Any]
+
+
+class StepRegistry:
+    """Maps step id -> (body, version); the version enters the step's fingerprint.
+
+    A body may be registered as "package.module:function", imported only when the step runs, so that a rerun
+    with nothing to do never imports the model and data code.
+    """
+
+    def __init__(self) -> None:
+        self._bodies: dict[str, tuple[StepBody | str, str]] = {}
+
+    def register(self, step_id: str, fn: StepBody | str, version: str = "1") -> None:
+        get_step(step_id)
+        if isinstance(fn, str) and fn.count(":") != 1:
+            raise ValueError(f"body of step {step_id}: expected 'module:function', got {fn!r}")
+        if not isinstance(fn, str) and not callable(fn):
+            raise TypeError(f"body of step {step_id} must be callable, got {type(fn).__name__}")
+        self._bodies[step_id] = (fn, str(version))
+
+    def get(self, step_id: str) -> tuple[StepBody, str] | None:
+        """(callable body, version), importing a body registered by name; None when there is none."""
+        entry = self._bodies.get(step_id)
+        if entry is None or not isinstance(entry[0], str):
+            return entry  # type: ignore[return-value]
+        module_name, _, attr = entry[0].partition(":")
+        body = getattr(importlib.import_module(module_name), attr)
+        self._bodies[step_id] = (body, entry[1])
+        return body, entry[1]
+
+    def version(self, step_id: str) -> str | None:
+        entry = self._bodies.get(step_id)
+        return entry[1] if entry else None
+
+    def missing(self, step_ids: list[str] | tuple[str, ...] = STEP_ORDER) -> list[str]:
+        return [s for s in step_ids if s not in self._bodies]
+
+
+REGISTRY = StepRegistry()
+
+
+def register_step(step_id: str, fn: StepBody | None = None, version: str = "1") -> Any:
+    """Register the real body of a step in the default registry; usable as `@register_step("p1")` too."""
+    if fn is None:
+        def decorate(body: StepBody) -> StepBody:
+            REGISTRY.register(step_id, body, version)
+            return body
+        return decorate
+    REGISTRY.register(step_id, fn, version)
+    return fn
+
+
+def _as_result(value: Any, step_id: str) -> StepResult:
+    if isinstance(value, StepResult):
+        return value
+    if isinstance(value, dict) and "outputs" in value:
+        return StepResult(list(value["outputs"]), dict(value.get("metrics") or {}))
+    raise StepFailedError(f"body of {step_id} returned {type(value).__name__}; expected a StepResult")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """py-faster-rcnn reseeds every step with RNG_SEED, so a step's result never depends on what ran before."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class StepReport:
+    step: str
+    action: str  # "skipped" | "ran"
+    reason: str
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """The orchestrator for one experiment folder (output/<EXP_DIR>)."""
+
+    def __init__(self, config: Config, registry: StepRegistry = REGISTRY, echo: Callable[[str], None] = print,
+                 isolate: bool | None = None, debug: bool = False):
+        self.config = config
+        self.registry = registry
+        self.echo = echo
+        self.isolate = config.get("PIPELINE.ISOLATE_STEPS") if isolate is None else isolate
+        self.debug = debug
+        self.exp_dir = experiment_dir(config)
+        self._weights_digest: str | None = None
+
+    def step_dir(self, step_id: str) -> Path:
+        return self.exp_dir / step_id
+
+    def weights_path(self) -> Path | None:
+        return resolve_path(self.config, "PIPELINE.WEIGHTS") if self.config.get("PIPELINE.WEIGHTS") else None
+
+    def _m0_digest(self) -> str:
+        if self._weights_digest is None:
+            path = self.weights_path()
+            if path is None:
+                self._weights_digest = "random-init"
+            elif not path.is_file():
+                raise FileNotFoundError(f"PIPELINE.WEIGHTS: weights file {path} does not exist")
+            else:
+                self._weights_digest = sha256_file(path)
+        return self._weights_digest
+
+    def input_digests(self, step: Step) -> dict[str, str]:
+        """Digest per input: M0's file sha256, or the upstream outputs' digest ('not done: ...' if unfinished)."""
+        digests = {}
+        for name in step.inputs:
+            if name == M0:
+                digests[name] = self._m0_digest()
+                continue
+            manifest = read_manifest(self.step_dir(name))
+            if manifest and manifest.get("status") == "done":
+                digests[name] = outputs_digest(manifest.get("outputs") or {})
+            else:
+                digests[name] = "not done"
+        return digests
+
+    def current_parts(self, step_id: str) -> dict[str, Any]:
+        step = get_step(step_id)
+        return fingerprint_parts(step, self.config, self.input_digests(step),
+                                 extra={"body_version": self.registry.version(step_id) or "1"})
+
+    def not_done_reason(self, step_id: str, verify_hashes: bool = True) -> str | None:
+        """None when `step_id` is done and current; else why not (see artifacts.stale_reason)."""
+        step = get_step(step_id)
+        for name in step.inputs:
+            if name != M0 and self.not_done_reason(name, verify_hashes) is not None:
+                manifest = read_manifest(self.step_dir(step_id))
+                return "missing" if manifest is None else f"waiting for {name}"
+        parts = self.current_parts(step_id)
+        return stale_reason(self.step_dir(step_id), hash_parts(parts), parts, verify_hashes)
+
+    def plan(self, until: str | None = None, from_: str | None = None, only: str | None = None,
+             force: str | None = None) -> Selection:
+        return select_steps(until=until, from_=from_, only=only, force=force, is_done=self.not_done_reason)
+
+    def run(self, until: str | None = None, from_: str | None = None, only: str | None = None,
+            force: str | None = None) -> list[StepReport]:
+        """Take the lock, save config.yml, and walk the selected steps; returns one report per step."""
+        with RunLock(self.exp_dir, echo=self.echo), interrupt_guard():
+            selection = self.plan(until, from_, only, force)
+            pending = [s for s in selection.steps if s in selection.forced or self.not_done_reason(s) is not None]
+            self._require_bodies(pending)
+            dump_config(self.config, self.exp_dir / "config.yml")
+            return [self._run_or_skip(s, s in selection.forced) for s in selection.steps]
+
+    def _require_bodies(self, step_ids: list[str]) -> None:
+        missing = self.registry.missing(step_ids)
+        if missing:
+            ready = [s for s in STEP_ORDER if s not in self.registry.missing()]
+            hint = f"; steps with a body: {', '.join(ready)}" if ready else ""
+            raise MissingStepBodyError(f"no body registered yet for step(s) {', '.join(missing)}{hint} "
+                                       f"(see stages.register_step)")
+
+    def _run_or_skip(self, step_id: str, forced: bool) -> StepReport:
+        parts = self.current_parts(step_id)
+        fingerprint = hash_parts(parts)
+        reason = "forced" if forced else stale_reason(self.step_dir(step_id), fingerprint, parts)
+        if reason is None:
+            manifest = read_manifest(self.step_dir(step_id)) or {}
+            self.echo(f"{step_id}: done, skipped")
+            return StepReport(step_id, "skipped", "done", metrics=manifest.get("metrics") or {})
+        self._require_bodies([step_id])
+        self.echo(f"{step_id}: running ({reason})")
+        progress = self._prepare_dir(step_id, fingerprint, forced)
+        started = time.time()
+        write_manifest(self.step_dir(step_id), {
+            "step": step_id, "status": "running", "fingerprint": fingerprint, "fingerprint_parts": parts,
+            "inputs": parts["inputs"], "outputs": {}, "metrics": {}, "progress": progress,
+            "timings": {"started": _iso(started)}})
+        try:
+            result = self._call_body(step_id)
+        except Interrupted as err:
+            message = str(err) if str(err).startswith(step_id) else f"{step_id}: {err}"
+            raise Interrupted(err.signum, message) from None
+        seconds = time.time() - started
+        outputs = hash_outputs(self.step_dir(step_id), result.outputs)
+        update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
+                        timings={"started": _iso(started), "finished": _iso(time.time()),
+                                 "seconds": round(seconds, 3)})
+        self.echo(f"{step_id}: done in {seconds:.1f}s")
+        return StepReport(step_id, "ran", reason, seconds, result.metrics)
+
+    def _prepare_dir(self, step_id: str, fingerprint: str, forced: bool) -> dict[str, Any] | None:
+        """Keep a partial run of the same fingerprint (to resume it); otherwise start from an empty folder."""
+        folder = self.step_dir(step_id)
+        manifest = read_manifest(folder)
+        if (not forced and manifest and manifest.get("status") == "running"
+                and manifest.get("fingerprint") == fingerprint):
+            return manifest.get("progress")
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return None
+
+    def context(self, step_id: str, echo: Callable[[str], None] | None = None) -> StepContext:
+        step = get_step(step_id)
+        inputs = {}
+        for name in step.inputs:
+            if name == M0:
+                continue
+            folder = self.step_dir(name)
+            recorded = (read_manifest(folder) or {}).get("outputs") or {}
+            inputs[name] = StepInput(name, folder, {rel: folder / rel for rel in recorded})
+        weights = self.weights_path() if M0 in step.inputs else None
+        return StepContext(step, self.config, self.exp_dir, self.step_dir(step_id), inputs, weights,
+                           echo or self.echo)
+
+    def _call_body(self, step_id: str) -> StepResult:
+        entry = self.registry.get(step_id)
+        assert entry is not None
+        if not self.isolate:
+            seed_everything(self.config.get("RNG_SEED"), self.config.get("PIPELINE.DETERMINISTIC"))
+            return _as_result(entry[0](self.context(step_id)), step_id)
+        return self._call_isolated(step_id, entry[0])
+
+    def _call_isolated(self, step_id: str, body: StepBody) -> StepResult:
+        ctx = self.context(step_id, echo=print)
+        result_file = self.step_dir(step_id) / _RESULT
+        result_file.unlink(missing_ok=True)
+        process = multiprocessing.get_context("spawn").Process(
+            target=_child_main, args=(body, ctx, self.debug), name=f"step-{step_id}")
+        process.start()
+        _wait_for_child(process, step_id)
+        if process.exitcode != 0:
+            raise StepFailedError(f"{step_id}: child process (pid {process.pid}) {_exit_text(process.exitcode)}")
+        try:
+            data = json.loads(result_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise StepFailedError(f"{step_id}: child process exited without reporting its result") from None
+        result_file.unlink(missing_ok=True)
+        return StepResult(data["outputs"], data["metrics"])
+
+    def status_rows(self) -> list[dict[str, str]]:
+        """One row per step: step, state, time, metrics (reads only; never locks or writes)."""
+        holder = read_lock(self.exp_dir)
+        live = holder if lock_holder_alive(holder) else None
+        rows = []
+        for step_id in STEP_ORDER:
+            manifest = read_manifest(self.step_dir(step_id)) or {}
+            reason = self.not_done_reason(step_id)
+            state = "done" if reason is None else reason
+            if reason not in (None, "missing") and not reason.startswith("partial"):
+                state = f"stale: {reason}"
+            if live and manifest.get("status") == "running":
+                state = f"running (pid {live.get('pid')}), {state}"
+            seconds = (manifest.get("timings") or {}).get("seconds")
+            rows.append({"step": step_id, "state": state,
+                         "time": _format_seconds(seconds) if seconds is not None else "-",
+                         "metrics": format_metrics(manifest.get("metrics") or {})})
+        return rows
+
+    def clean(self, step_id: str) -> list[str]:
+        """Remove the step's folder (under the lock); returns the steps downstream of it."""
+        get_step(step_id)
+        with RunLock(self.exp_dir, echo=self.echo):
+            folder = self.step_dir(step_id)
+            if folder.exists():
+                shutil.rmtree(folder)
+        return downstream_steps(step_id)
+
+
+def _format_seconds(seconds: float) -> str:
+    from .progress import format_seconds
+    return format_seconds(seconds)
+
+
+KEY_METRICS = ("mAP", "recall@0.5", "recall@0.7", "loss")
+
+
+def format_metrics(metrics: dict[str, Any], limit: int = 4) -> str:
+    """'mAP 0.9123  loss 0.4521' from the scalar metrics: KEY_METRICS first, then the body's order; `limit` shown."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    order = [k for k in KEY_METRICS if k in scalars] + [k for k in scalars if k not in KEY_METRICS]
+    shown = [f"{k} {scalars[k]:.4g}" if isinstance(scalars[k], float) else f"{k} {scalars[k]}" for k in order]
+    return "  ".join(shown[:limit]) or "-"
+
+
+def _iso(stamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(stamp))
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
+
+
+def _wait_for_child(process: multiprocessing.process.BaseProcess, step_id: str) -> None:
+    """Join the child; on SIGINT/SIGTERM pass the signal on, give it time to stop cleanly, then re-raise."""
+    try:
+        while process.is_alive():
+            process.join(0.2)
+    except Interrupted as err:
+        if process.is_alive() and process.pid is not None:
+            os.kill(process.pid, err.signum)
+        process.join(_CHILD_GRACE_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        raise Interrupted(err.signum, f"{step_id}: interrupted by {err.signame}; its child process "
+                          f"{_exit_text(process.exitcode)}") from None
+
+
+def _child_main(body: StepBody, ctx: StepContext, debug: bool) -> None:
+    """Entry point of an isolated step: run the body, leave its result in the step folder, exit 0/2/130/1."""
+    code = 0
+    with interrupt_guard():
+        try:
+            seed_everything(ctx.config.get("RNG_SEED"), ctx.config.get("PIPELINE.DETERMINISTIC"))
+            result = _as_result(body(ctx), ctx.step.id)
+            atomic_write_json(ctx.step_dir / _RESULT, dataclasses.asdict(result))
+        except Interrupted as err:
+            print(f"{ctx.step.id}: {err}", file=sys.stderr)
+            code = 130
+        except (PipelineError, ValueError, KeyError, OSError) as err:
+            if debug:
+                traceback.print_exc()
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            print(f"error: {ctx.step.id}: {message}", file=sys.stderr)
+            code = 2
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

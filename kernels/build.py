@@ -1,0 +1,103 @@
+"""Lazy JIT build of the C++ (and, with a CUDA device, CUDA) extensions, with a fallback to the reference.
+
+Nothing is compiled at ``import kernels``: :func:`backend` builds on the first op call with
+``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``) and logs how long it took.
+``FRCNN_KERNELS=reference`` selects the pure-torch reference; so does a failed build (no C++ compiler),
+with a one-time warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["backend", "cpu_extension", "cuda_extension", "CSRC", "CPU_SOURCES", "CUDA_SOURCES", "build_seconds"]
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+CPU_SOURCES = ["nms_cpu.cpp", "roi_pool_cpu.cpp", "roi_align_cpu.cpp", "binding_cpu.cpp"]
+CUDA_SOURCES = ["nms_cuda.cu", "roi_pool_cuda.cu", "roi_align_cuda.cu", "binding_cuda.cpp"]
+# Portable flags: the build cache may move between machines, so no -march=native; no fast-math, and no FMA
+# contraction, so the float results match the reference's separately rounded torch ops.
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]  # torch picks the -std it needs
+
+_lock = threading.Lock()
+_cache: dict[str, ModuleType | None] = {}
+build_seconds: dict[str, float] = {}
+_warned = False
+
+
+def _load(name: str, sources: list[str], cuda: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    t0 = time.perf_counter()
+    mod = cpp_extension.load(
+        name=name,
+        sources=[str(CSRC / s) for s in sources],
+        extra_cflags=CFLAGS,
+        extra_cuda_cflags=["-O3", "--fmad=false"] if cuda else None,
+        extra_ldflags=None,
+        with_cuda=cuda,
+        verbose=False,
+    )
+    build_seconds[name] = time.perf_counter() - t0
+    # A cached load takes milliseconds; anything slow was a compile, which the user should see once.
+    level = logging.WARNING if build_seconds[name] > 2.0 else logging.DEBUG
+    log.log(level, "kernels: built the %s extension in %.1f s (one-time; cached under %s)", name,
+            build_seconds[name], os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default torch_extensions dir"))
+    return mod
+
+
+def _get(name: str, sources: list[str], cuda: bool) -> ModuleType | None:
+    global _warned
+    with _lock:
+        if name not in _cache:
+            try:
+                _cache[name] = _load(name, sources, cuda)
+            except Exception as exc:  # no compiler, failed compile: fall back to the reference
+                _cache[name] = None
+                if not _warned:
+                    _warned = True
+                    warnings.warn(f"kernels: building the {name} extension failed ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}); "
+                                  f"using the slow pure-torch reference kernels", RuntimeWarning, stacklevel=3)
+        return _cache[name]
+
+
+def _name(kind: str) -> str:
+    # The torch version is part of the name: a build cached for one torch must never load into another.
+    version = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
+    return f"frcnn_kernels_{kind}_torch{version}"
+
+
+def cpu_extension() -> ModuleType | None:
+    """The C++ CPU extension module, built on first call; None when it cannot be built."""
+    return _get(_name("cpu"), CPU_SOURCES, cuda=False)
+
+
+def cuda_extension() -> ModuleType | None:
+    """The CUDA extension module (only with a CUDA device), built on first call; None when unavailable."""
+    if not torch.cuda.is_available():
+        return None
+    return _get(_name("cuda"), CUDA_SOURCES, cuda=True)
+
+
+def backend(device: torch.device) -> ModuleType | None:
+    """The compiled module for ``device``, or None to use :mod:`kernels.reference`."""
+    choice = os.environ.get("FRCNN_KERNELS", "").strip().lower()
+    if choice == "reference":
+        return None
+    if choice not in ("", "auto", "compiled"):
+        raise ValueError(f"FRCNN_KERNELS must be 'reference' or unset, got {choice!r}")
+    if device.type == "cuda":
+        return cuda_extension()
+    if device.type == "cpu":
+        return cpu_extension()
+    return None

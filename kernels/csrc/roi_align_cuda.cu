@@ -1,0 +1,145 @@
+// torchvision RoIAlign forward/backward on the GPU (one thread per output element; backward by atomicAdd).
+#include <cuda_runtime.h>
+
+#include "kernels_cuda.h"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned grid_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+// Bilinear taps of (y, x): returns false when the point lies outside [-1, H] x [-1, W].
+template <typename T>
+__device__ bool taps(T y, T x, int64_t H, int64_t W, int64_t* pos, T* wt) {
+  if (y < T(-1) || y > static_cast<T>(H) || x < T(-1) || x > static_cast<T>(W)) return false;
+  if (y <= 0) y = 0;
+  if (x <= 0) x = 0;
+  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x), y_high, x_high;
+  if (y_low >= H - 1) {
+    y_high = y_low = H - 1;
+    y = static_cast<T>(y_low);
+  } else {
+    y_high = y_low + 1;
+  }
+  if (x_low >= W - 1) {
+    x_high = x_low = W - 1;
+    x = static_cast<T>(x_low);
+  } else {
+    x_high = x_low + 1;
+  }
+  const T ly = y - static_cast<T>(y_low), lx = x - static_cast<T>(x_low), hy = T(1) - ly, hx = T(1) - lx;
+  pos[0] = y_low * W + x_low; pos[1] = y_low * W + x_high; pos[2] = y_high * W + x_low; pos[3] = y_high * W + x_high;
+  wt[0] = hy * hx; wt[1] = hy * lx; wt[2] = ly * hx; wt[3] = ly * lx;
+  return true;
+}
+
+template <typename T>
+struct Bin {
+  int64_t batch, gh, gw;
+  T y0, x0, bin_h, bin_w, count;
+};
+
+template <typename T>
+__device__ Bin<T> bin_of(const T* roi, int64_t ph, int64_t pw, int64_t ph_n, int64_t pw_n, T scale,
+                         int64_t sampling_ratio, bool aligned) {
+  Bin<T> g;
+  g.batch = static_cast<int64_t>(roi[0]);
+  const T offset = aligned ? T(0.5) : T(0);
+  const T sw = roi[1] * scale - offset, sh = roi[2] * scale - offset;
+  T roi_w = roi[3] * scale - offset - sw, roi_h = roi[4] * scale - offset - sh;
+  if (!aligned) {
+    roi_w = max(roi_w, T(1));
+    roi_h = max(roi_h, T(1));
+  }
+  g.bin_h = roi_h / static_cast<T>(ph_n);
+  g.bin_w = roi_w / static_cast<T>(pw_n);
+  g.gh = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(ceil(roi_h / static_cast<T>(ph_n)));
+  g.gw = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(ceil(roi_w / static_cast<T>(pw_n)));
+  g.count = static_cast<T>(g.gh * g.gw > 1 ? g.gh * g.gw : 1);
+  g.y0 = sh + static_cast<T>(ph) * g.bin_h;
+  g.x0 = sw + static_cast<T>(pw) * g.bin_w;
+  return g;
+}
+
+template <typename T>
+__global__ void roi_align_forward_kernel(const T* features, const T* rois, int64_t total, int64_t C, int64_t H,
+                                         int64_t W, int64_t ph_n, int64_t pw_n, T scale, int64_t sampling_ratio,
+                                         bool aligned, T* output) {
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
+       index += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t pw = index % pw_n, ph = (index / pw_n) % ph_n, c = (index / pw_n / ph_n) % C;
+    const int64_t r = index / pw_n / ph_n / C;
+    const Bin<T> g = bin_of(rois + r * 5, ph, pw, ph_n, pw_n, scale, sampling_ratio, aligned);
+    const T* plane = features + (g.batch * C + c) * H * W;
+    T acc = 0;
+    int64_t pos[4];
+    T wt[4];
+    for (int64_t iy = 0; iy < g.gh; ++iy) {
+      const T y = g.y0 + static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.gh);
+      for (int64_t ix = 0; ix < g.gw; ++ix) {
+        const T x = g.x0 + static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.gw);
+        if (taps(y, x, H, W, pos, wt))
+          acc += wt[0] * plane[pos[0]] + wt[1] * plane[pos[1]] + wt[2] * plane[pos[2]] + wt[3] * plane[pos[3]];
+      }
+    }
+    output[index] = acc / g.count;
+  }
+}
+
+template <typename T>
+__global__ void roi_align_backward_kernel(const T* grad, const T* rois, int64_t total, int64_t C, int64_t H,
+                                          int64_t W, int64_t ph_n, int64_t pw_n, T scale, int64_t sampling_ratio,
+                                          bool aligned, T* grad_features) {
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
+       index += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t pw = index % pw_n, ph = (index / pw_n) % ph_n, c = (index / pw_n / ph_n) % C;
+    const int64_t r = index / pw_n / ph_n / C;
+    const Bin<T> g = bin_of(rois + r * 5, ph, pw, ph_n, pw_n, scale, sampling_ratio, aligned);
+    T* plane = grad_features + (g.batch * C + c) * H * W;
+    const T v = grad[index] / g.count;
+    int64_t pos[4];
+    T wt[4];
+    for (int64_t iy = 0; iy < g.gh; ++iy) {
+      const T y = g.y0 + static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.gh);
+      for (int64_t ix = 0; ix < g.gw; ++ix) {
+        const T x = g.x0 + static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.gw);
+        if (taps(y, x, H, W, pos, wt))
+          for (int k = 0; k < 4; ++k) atomicAdd(plane + pos[k], wt[k] * v);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+int roi_align_forward_launch(const T* features, const T* rois, int64_t R, int64_t C, int64_t H, int64_t W,
+                             int64_t ph, int64_t pw, double spatial_scale, int64_t sampling_ratio, bool aligned,
+                             T* output, void* stream) {
+  const int64_t total = R * C * ph * pw;
+  if (total == 0) return 0;
+  roi_align_forward_kernel<T><<<grid_for(total), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      features, rois, total, C, H, W, ph, pw, static_cast<T>(spatial_scale), sampling_ratio, aligned, output);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int roi_align_backward_launch(const T* grad, const T* rois, int64_t R, int64_t C, int64_t H, int64_t W, int64_t ph,
+                              int64_t pw, double spatial_scale, int64_t sampling_ratio, bool aligned,
+                              T* grad_features, void* stream) {
+  const int64_t total = R * C * ph * pw;
+  if (total == 0) return 0;
+  roi_align_backward_kernel<T><<<grid_for(total), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      grad, rois, total, C, H, W, ph, pw, static_cast<T>(spatial_scale), sampling_ratio, aligned, grad_features);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template int roi_align_forward_launch<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                             int64_t, int64_t, double, int64_t, bool, float*, void*);
+template int roi_align_forward_launch<double>(const double*, const double*, int64_t, int64_t, int64_t, int64_t,
+                                              int64_t, int64_t, double, int64_t, bool, double*, void*);
+template int roi_align_backward_launch<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                              int64_t, int64_t, double, int64_t, bool, float*, void*);
+template int roi_align_backward_launch<double>(const double*, const double*, int64_t, int64_t, int64_t, int64_t,
+                                               int64_t, int64_t, double, int64_t, bool, double*, void*);

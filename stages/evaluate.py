@@ -1,0 +1,113 @@
+"""The eval step: detect with the final model M4 on the test imdb and score it with the VOC metric.
+
+py-faster-rcnn's ``test_net``: ``im_detect`` per image (TEST.SCALES / MAX_SIZE, the RPN at TEST.RPN_PRE_NMS_TOP_N
+-> TEST.RPN_POST_NMS_TOP_N, class-specific boxes when TEST.BBOX_REG), then per class j >= 1 scores >
+PIPELINE.DET_THRESH (0.05), NMS at TEST.NMS, and at most PIPELINE.MAX_PER_IMAGE (100) detections per image.
+Outputs in the step folder:
+
+    detections.pkl                      all_boxes[cls][image] float32 (N, 5) [x1, y1, x2, y2, score], protocol 2
+    results/comp4_det_<set>_<cls>.txt   VOC results files (1-based coordinates)
+    results/<cls>_pr.pkl                recall, precision, AP per class
+    aps.json                            {"aps": {cls: ap}, "map": m, "use_07_metric": bool}
+
+Inference runs in float32 (PIPELINE.AMP applies to training). AP uses the VOC07 11-point metric for 2007-style sets (the imdb decides); metrics: mAP and AP_<cls>.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from kernels.boxes import clip_boxes
+from nets import FasterRCNN, detect_blob, im_detect, postprocess_detections, prep_image
+from roidb.imdb import Imdb
+
+from .artifacts import atomic_write_text
+from .config import Config
+from .errors import ConfigError
+from .model_setup import load_imdb, load_stage_model, pixel_means
+from .progress import ProgressBar
+from .proposals import read_image, write_pickle
+from .runner import StepContext, StepResult
+
+__all__ = ["detect_image", "test_net", "format_ap_table", "evaluate"]
+
+
+def _check_test_settings(config: Config) -> None:
+    if not config.get("TEST.HAS_RPN"):
+        raise ConfigError("config key TEST.HAS_RPN must be True: eval takes its RoIs from M4's RPN "
+                          "(the test imdb has no precomputed proposals)")
+    if config.get("TEST.SVM"):
+        raise ConfigError("config key TEST.SVM must be False: the detector scores with its softmax (no SVMs)")
+    if len(config.get("TEST.SCALES")) != 1:
+        raise ConfigError(f"config key TEST.SCALES must hold exactly one scale with the RPN, "
+                          f"got {list(config.get('TEST.SCALES'))}")
+
+
+def detect_image(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Scores float32 (R, K) and boxes float32 (R, 4K) in original pixels for one BGR image (im_detect).
+
+    Without TEST.BBOX_REG the boxes are the RPN's RoIs, repeated for every class (py-faster-rcnn's tiling).
+    """
+    t = config.TEST
+    rpn = {"pre_nms_top_n": t.RPN_PRE_NMS_TOP_N, "post_nms_top_n": t.RPN_POST_NMS_TOP_N,
+           "nms_thresh": t.RPN_NMS_THRESH, "min_size": t.RPN_MIN_SIZE}
+    means = tuple(float(v) for v in pixel_means(config).ravel())
+    if t.BBOX_REG:
+        return im_detect(model, im, scales=list(t.SCALES), max_size=t.MAX_SIZE, pixel_means=means, **rpn)
+    model.eval()
+    data, scale = prep_image(im, scale=t.SCALES[0], max_size=t.MAX_SIZE, pixel_means=means)
+    rois, scores, _ = detect_blob(model, data.to(model.device), [data.shape[2], data.shape[3], scale], **rpn)
+    boxes = clip_boxes(rois.float() / scale, im.shape[:2]).repeat(1, model.num_classes)
+    return scores.float().cpu().numpy(), boxes.cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval") -> list[list[np.ndarray]]:
+    """all_boxes[cls][image]: float32 (N, 5) detections of every image of `imdb` (entry 0, background, empty)."""
+    model.eval()
+    all_boxes: list[list[np.ndarray]] = [[] for _ in range(imdb.num_classes)]
+    bar = ProgressBar(imdb.num_images, label)
+    for i in range(imdb.num_images):
+        scores, boxes = detect_image(model, read_image(imdb.image_path_at(i)), config)
+        dets = postprocess_detections(scores, boxes, thresh=config.get("PIPELINE.DET_THRESH"),
+                                      nms_thresh=config.get("TEST.NMS"),
+                                      max_per_image=config.get("PIPELINE.MAX_PER_IMAGE"))
+        for j in range(imdb.num_classes):
+            all_boxes[j].append(dets[j].astype(np.float32))
+        bar.update(i + 1)
+    bar.close()
+    return all_boxes
+
+
+def format_ap_table(aps: dict[str, float], mean_ap: float) -> str:
+    """Per-class AP and the mean, as aligned 'class  AP' lines."""
+    width = max([len(c) for c in aps] + [len("mAP")])
+    lines = [f"{'class'.ljust(width)}  AP"]
+    lines += [f"{cls.ljust(width)}  {ap:.4f}" for cls, ap in aps.items()]
+    lines.append(f"{'mAP'.ljust(width)}  {mean_ap:.4f}")
+    return "\n".join(lines)
+
+
+def evaluate(ctx: StepContext) -> StepResult:
+    """Detect with M4 on PIPELINE.TEST_IMDB; write detections, comp4 files, APs; metrics mAP and AP_<cls>."""
+    _check_test_settings(ctx.config)
+    imdb = load_imdb(ctx.config, "PIPELINE.TEST_IMDB")
+    model = load_stage_model(ctx.config, ctx.input_file("stage4", "model.pt"), imdb.classes, ctx.device)
+    all_boxes = test_net(model, imdb, ctx.config, label=ctx.step.id)
+    write_pickle(ctx.step_dir / "detections.pkl", all_boxes)
+    imdb.competition_mode(True)
+    results = imdb.evaluate_detections(all_boxes, ctx.step_dir / "results")
+    aps, mean_ap = results["aps"], results["map"]
+    use_07 = bool(getattr(imdb, "use_07_metric", False))
+    atomic_write_text(ctx.step_dir / "aps.json",
+                      json.dumps({"aps": aps, "map": mean_ap, "use_07_metric": use_07}, indent=1) + "\n")
+    ctx.log(f"{imdb.name}: {imdb.num_images} images, {'VOC07 11-point' if use_07 else 'VOC area'} AP at IoU 0.5")
+    for line in format_ap_table(aps, mean_ap).splitlines():
+        ctx.log(line)
+    outputs = ["detections.pkl", "aps.json"] + sorted(
+        str(p.relative_to(ctx.step_dir)) for p in (ctx.step_dir / "results").iterdir() if p.is_file())
+    metrics = {"mAP": round(mean_ap, 6), **{f"AP_{c}": round(a, 6) for c, a in aps.items()},
+               "num_images": imdb.num_images, "num_detections": int(sum(len(d) for c in all_boxes[1:] for d in c))}
+    return StepResult(outputs=outputs, metrics=metrics)

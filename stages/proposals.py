@@ -1,0 +1,130 @@
+"""The proposal steps p1 and p2: run a trained RPN (M1, M3) over the unflipped training images and dump proposals.
+
+py-faster-rcnn's ``rpn_generate`` with the alt-opt overrides: TEST.SCALES / TEST.MAX_SIZE, no pre-NMS cap
+(TEST.RPN_PRE_NMS_TOP_N = -1), 2000 after NMS (TEST.RPN_POST_NMS_TOP_N = 2000), TEST.RPN_NMS_THRESH and
+TEST.RPN_MIN_SIZE from the config. Outputs, both pickled with protocol 2 (py-faster-rcnn's cPickle reads them):
+
+    proposals.pkl  list of float32 (N_i, 4) [x1, y1, x2, y2] in original-image pixels (inclusive), one per image of
+                   imdb.image_index, best RPN score first
+    scores.pkl     list of float32 (N_i,) RPN foreground scores, row for row
+
+Inference runs in float32 whatever PIPELINE.AMP says (it applies to training). The manifest metrics hold the recall of the non-difficult GT boxes at IoU 0.5 and 0.7 by the top 300 and by all
+proposals (recall@0.5_top300, recall@0.7_top300, recall@0.5, recall@0.7) and the mean number of proposals.
+"""
+from __future__ import annotations
+
+import pickle
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from kernels.boxes import bbox_overlaps
+from nets import FasterRCNN, prep_image
+from roidb.errors import DataError
+from roidb.imdb import Imdb
+
+from .artifacts import atomic_write_bytes
+from .config import Config
+from .model_setup import load_imdb, load_stage_model, pixel_means
+from .progress import ProgressBar
+from .runner import StepContext, StepResult
+
+__all__ = ["PRE_NMS_TOP_N", "POST_NMS_TOP_N", "image_proposals", "imdb_proposals", "proposal_recall",
+           "write_pickle", "p1", "p2"]
+
+PRE_NMS_TOP_N = -1   # py-faster-rcnn's rpn_generate: no cap before NMS
+POST_NMS_TOP_N = 2000
+RECALL_TOP_N = 300
+PICKLE_PROTOCOL = 2
+
+
+def read_image(path: str) -> np.ndarray:
+    """BGR uint8 (H, W, 3) image, or DataError naming the file."""
+    im = cv2.imread(path, cv2.IMREAD_COLOR)
+    if im is None:
+        raise DataError(path, "cannot read image")
+    return im
+
+
+@torch.no_grad()
+def image_proposals(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """RPN proposals of one BGR image: float32 boxes (N, 4) in original pixels, best first, and scores (N,)."""
+    t = config.TEST
+    if len(t.SCALES) != 1:
+        raise ValueError(f"proposal dumping takes exactly one TEST.SCALES entry, got {list(t.SCALES)}")
+    data, scale = prep_image(im, scale=t.SCALES[0], max_size=t.MAX_SIZE,
+                             pixel_means=tuple(float(v) for v in pixel_means(config).ravel()))
+    im_info = [data.shape[2], data.shape[3], scale]
+    boxes, scores = model.propose(data.to(model.device), im_info, pre_nms_top_n=PRE_NMS_TOP_N,
+                                  post_nms_top_n=POST_NMS_TOP_N, nms_thresh=t.RPN_NMS_THRESH, min_size=t.RPN_MIN_SIZE)
+    boxes = boxes.float().cpu().numpy() / np.float32(scale)
+    return boxes.astype(np.float32), scores.float().cpu().numpy().astype(np.float32)
+
+
+def imdb_proposals(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "proposals"
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Proposals and scores for every image of `imdb` (unflipped), in image_index order."""
+    model.eval()
+    bar = ProgressBar(imdb.num_images, label)
+    boxes, scores = [], []
+    for i in range(imdb.num_images):
+        b, s = image_proposals(model, read_image(imdb.image_path_at(i)), config)
+        boxes.append(b)
+        scores.append(s)
+        bar.update(i + 1)
+    bar.close()
+    return boxes, scores
+
+
+def proposal_recall(boxes: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], iou: float,
+                    top_n: int | None = None) -> float:
+    """Fraction of GT boxes overlapped with IoU >= `iou` by one of the first `top_n` (all: None) proposals."""
+    covered = total = 0
+    for props, gt in zip(boxes, gt_boxes):
+        total += len(gt)
+        props = props if top_n is None else props[:top_n]
+        if len(gt) and len(props):
+            best = bbox_overlaps(np.asarray(props, np.float64), np.asarray(gt, np.float64)).max(axis=0)
+            covered += int((best >= iou).sum())
+    return covered / total if total else 0.0
+
+
+def write_pickle(path, obj) -> None:
+    """Pickle `obj` (protocol 2) to `path` atomically."""
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+
+
+def _recall_metrics(boxes: list[np.ndarray], imdb: Imdb) -> dict[str, float]:
+    gt = [e["boxes"][e["gt_classes"] > 0] for e in imdb.gt_roidb()]
+    metrics = {}
+    for top_n, suffix in ((RECALL_TOP_N, f"_top{RECALL_TOP_N}"), (None, "")):
+        for iou in (0.5, 0.7):
+            metrics[f"recall@{iou}{suffix}"] = round(proposal_recall(boxes, gt, iou, top_n), 6)
+    metrics["mean_proposals"] = round(float(np.mean([len(b) for b in boxes])) if boxes else 0.0, 3)
+    metrics["num_images"] = len(boxes)
+    return metrics
+
+
+def _dump(ctx: StepContext, model_step: str) -> StepResult:
+    imdb = load_imdb(ctx.config, "PIPELINE.TRAIN_IMDB")
+    model = load_stage_model(ctx.config, ctx.input_file(model_step, "model.pt"), imdb.classes, ctx.device)
+    boxes, scores = imdb_proposals(model, imdb, ctx.config, label=ctx.step.id)
+    write_pickle(ctx.step_dir / "proposals.pkl", boxes)
+    write_pickle(ctx.step_dir / "scores.pkl", scores)
+    metrics = _recall_metrics(boxes, imdb)
+    ctx.log("recall of the top {0}: {1:.4f} @0.5, {2:.4f} @0.7; of all: {3:.4f} @0.5, {4:.4f} @0.7".format(
+        RECALL_TOP_N, metrics[f"recall@0.5_top{RECALL_TOP_N}"], metrics[f"recall@0.7_top{RECALL_TOP_N}"],
+        metrics["recall@0.5"], metrics["recall@0.7"]))
+    return StepResult(outputs=["proposals.pkl", "scores.pkl"], metrics=metrics)
+
+
+def p1(ctx: StepContext) -> StepResult:
+    """Proposals P1 of M1 over the training images."""
+    return _dump(ctx, "stage1")
+
+
+def p2(ctx: StepContext) -> StepResult:
+    """Proposals P2 of M3 over the training images."""
+    return _dump(ctx, "stage3")

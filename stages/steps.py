@@ -1,0 +1,20 @@
+"""Registers the real bodies of the seven steps (stage1, p1, stage2, stage3, p2, stage4, eval) with the runner.
+
+Importing `stages` imports this module, so `pipeline.py run` finds every body. Bodies are registered by name
+("module:function") and imported only when a step runs, so a rerun with nothing to do never loads the model or
+data code. A body's version enters its step's fingerprint: bump it when a change to the body changes what the
+step computes.
+"""
+from __future__ import annotations
+
+from .runner import register_step
+
+__all__ = ["BODIES", "BODY_VERSION"]
+
+BODIES = {"stage1": "stages.training_steps:stage1", "p1": "stages.proposals:p1",
+          "stage2": "stages.training_steps:stage2", "stage3": "stages.training_steps:stage3",
+          "p2": "stages.proposals:p2", "stage4": "stages.training_steps:stage4", "eval": "stages.evaluate:evaluate"}
+BODY_VERSION = "1"
+
+for _step_id, _body in BODIES.items():
+    register_step(_step_id, _body, version=BODY_VERSION)

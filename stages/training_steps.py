@@ -1,0 +1,216 @@
+"""The four training steps of alternating training: stage1 and stage3 train the RPN, stage2 and stage4 Fast R-CNN.
+
+| step   | initialised from                       | roidb (with flipped copies)       | batch                | trains         |
+|--------|----------------------------------------|-----------------------------------|----------------------|----------------|
+| stage1 | M0 (PIPELINE.WEIGHTS or seeded random) | gt                                | 1 image, its anchors | convs + RPN    |
+| stage2 | M0 again (not M1)                      | GT + P1, bbox targets normalised  | 2 images, BATCH_SIZE | convs + head   |
+| stage3 | M2, RPN head re-initialised            | gt                                | 1 image, its anchors | RPN head       |
+| stage4 | M3, cls_score/bbox_pred re-initialised | GT + P2, bbox targets normalised  | 2 images, BATCH_SIZE | fc6..bbox_pred |
+
+These are py-faster-rcnn's per-stage overrides (IMS_PER_BATCH 1/2, HAS_RPN, PROPOSAL_METHOD gt/rpn, BBOX_REG on),
+applied whatever TRAIN.IMS_PER_BATCH / HAS_RPN / BBOX_REG / PROPOSAL_METHOD say. "convs" excludes the net's
+always-frozen layers (nets.freezing). Each step writes ``model.pt`` (the nets checkpoint format, plus ``stage``
+and ``iteration``; Fast R-CNN steps store their target means/stds in it) through `StepContext.train`, which
+snapshots and resumes. Every random draw of a batch (scale, RoI sampling, and the RPN's anchor sampling through
+the batch's ``anchor_seed``) comes from the loader's per-batch generator, a function of RNG_SEED and the batch
+number, and the loader's state goes into the snapshots, so a resumed step ends with bit-identical weights.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from nets import FasterRCNN, param_groups, reinit_predictors, reinit_rpn_head, set_trainable
+from nets.checkpoint import checkpoint_dict
+from roidb.imdb import Imdb
+from roidb.loader import RoIDataLoader
+from roidb.minibatch import get_minibatch
+from roidb.training import add_bbox_regression_targets, filter_roidb, get_training_roidb
+
+from .config import Config
+from .errors import StepFailedError
+from .model_setup import build_model, load_imdb, load_stage_model, pixel_means, torch_generator
+from .runner import StepContext, StepResult
+from .train import LOG_NAME, read_log
+
+__all__ = ["rpn_roidb_for_training", "frcn_roidb_for_training", "make_loader", "rpn_loss_fn", "frcn_loss_fn",
+           "stage1", "stage2", "stage3", "stage4"]
+
+RPN_IMS_PER_BATCH = 1
+FRCN_IMS_PER_BATCH = 2
+_SEED_BOUND = 2 ** 62
+
+
+def _filter(config: Config, roidb: list[dict]) -> list[dict]:
+    t = config.TRAIN
+    return filter_roidb(roidb, fg_thresh=t.FG_THRESH, bg_thresh_hi=t.BG_THRESH_HI, bg_thresh_lo=t.BG_THRESH_LO)
+
+
+def rpn_roidb_for_training(config: Config, imdb: Imdb) -> list[dict]:
+    """The gt roidb with flipped copies (TRAIN.USE_FLIPPED), prepared, without the images that have no GT box.
+
+    On a gt roidb (every overlap is 1) that is what py-faster-rcnn's filter_roidb keeps for any FG_THRESH <= 1,
+    so the RPN steps need not read the Fast R-CNN thresholds.
+    """
+    imdb.set_proposal_method("gt")
+    roidb = get_training_roidb(imdb, use_flipped=config.get("TRAIN.USE_FLIPPED"))
+    return [entry for entry in roidb if np.any(entry["gt_classes"] > 0)]
+
+
+def frcn_roidb_for_training(config: Config, imdb: Imdb, proposal_file: Path
+                            ) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """GT + the proposals of `proposal_file` (flipped copies mirror the boxes), filtered, with bbox targets.
+
+    Returns (roidb, means, stds), means/stds float64 (4K,): what the targets were normalised with (0 and 1 when
+    TRAIN.BBOX_NORMALIZE_TARGETS is off, so test time undoes nothing).
+    """
+    imdb.config["rpn_file"] = str(proposal_file)
+    imdb.set_proposal_method("rpn")
+    roidb = _filter(config, get_training_roidb(imdb, use_flipped=config.get("TRAIN.USE_FLIPPED")))
+    t = config.TRAIN
+    means, stds = add_bbox_regression_targets(
+        roidb, imdb.num_classes, bbox_thresh=t.BBOX_THRESH, normalize_targets=t.BBOX_NORMALIZE_TARGETS,
+        precomputed=t.BBOX_NORMALIZE_TARGETS_PRECOMPUTED, means=t.BBOX_NORMALIZE_MEANS, stds=t.BBOX_NORMALIZE_STDS)
+    if not t.BBOX_NORMALIZE_TARGETS:
+        means, stds = np.zeros_like(means), np.ones_like(stds)
+    return roidb, means, stds
+
+
+def _rpn_blobs(entries: list[dict], *, rng: np.random.Generator, **minibatch_args: Any) -> dict:
+    blobs = get_minibatch(entries, rng=rng, has_rpn=True, **minibatch_args)
+    # The anchor sampling of this batch draws from its own seed, so it too depends only on the batch number.
+    blobs["anchor_seed"] = int(rng.integers(_SEED_BOUND))
+    return blobs
+
+
+def make_loader(config: Config, roidb: list[dict], num_classes: int, has_rpn: bool) -> RoIDataLoader:
+    """RoIDataLoader over `roidb`: RPN batches (1 image) or Fast R-CNN batches (2 images, TRAIN.BATCH_SIZE RoIs)."""
+    t = config.TRAIN
+    common = {"num_classes": num_classes, "scales": list(t.SCALES), "max_size": t.MAX_SIZE,
+              "pixel_means": pixel_means(config)}
+    if has_rpn:
+        blob_fn = functools.partial(_rpn_blobs, **common)
+    else:
+        blob_fn = functools.partial(
+            get_minibatch, has_rpn=False, batch_size=t.BATCH_SIZE, fg_fraction=t.FG_FRACTION, fg_thresh=t.FG_THRESH,
+            bg_thresh_hi=t.BG_THRESH_HI, bg_thresh_lo=t.BG_THRESH_LO, bbox_reg=True,
+            bbox_inside_weights=tuple(t.BBOX_INSIDE_WEIGHTS), **common)
+    ims = RPN_IMS_PER_BATCH if has_rpn else FRCN_IMS_PER_BATCH
+    workers = int(config.get("PIPELINE.WORKERS"))
+    return RoIDataLoader(roidb, blob_fn, ims_per_batch=ims, aspect_grouping=t.ASPECT_GROUPING,
+                         seed=int(config.get("RNG_SEED")), num_workers=workers, prefetch=max(2, 2 * workers))
+
+
+LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], dict]
+
+
+def rpn_loss_fn(config: Config) -> LossFn:
+    """loss_fn(model, blobs) -> {'rpn_cls', 'rpn_bbox'} with the TRAIN.RPN_* anchor-target settings."""
+    t = config.TRAIN
+    settings = {"rpn_positive_overlap": t.RPN_POSITIVE_OVERLAP, "rpn_negative_overlap": t.RPN_NEGATIVE_OVERLAP,
+                "rpn_clobber_positives": t.RPN_CLOBBER_POSITIVES, "rpn_fg_fraction": t.RPN_FG_FRACTION,
+                "rpn_batchsize": t.RPN_BATCHSIZE, "rpn_bbox_inside_weights": tuple(t.RPN_BBOX_INSIDE_WEIGHTS),
+                "rpn_positive_weight": t.RPN_POSITIVE_WEIGHT}
+
+    def loss_fn(model: torch.nn.Module, blobs: Mapping[str, Any]) -> dict:
+        generator = torch.Generator().manual_seed(blobs["anchor_seed"])
+        return model.rpn_losses(blobs, generator=generator, **settings)
+
+    return loss_fn
+
+
+def frcn_loss_fn() -> LossFn:
+    """loss_fn(model, blobs) -> {'cls', 'bbox'} on a Fast R-CNN batch."""
+
+    def loss_fn(model: torch.nn.Module, blobs: Mapping[str, Any]) -> dict:
+        return model.frcn_losses(blobs)
+
+    return loss_fn
+
+
+def _caffe_multipliers(groups: list[dict]) -> list[dict]:
+    """nets.param_groups' groups (absolute lr / weight_decay, plus lr_mult) as train_loop's multipliers:
+    weights lr_mult 1, decay_mult 1; biases lr_mult 2, decay_mult 0 (py-faster-rcnn's prototxts)."""
+    return [{"params": g["params"], "lr_mult": g["lr_mult"], "decay_mult": 0.0 if g["weight_decay"] == 0 else 1.0}
+            for g in groups]
+
+
+def _train(ctx: StepContext, model: FasterRCNN, loss_fn: LossFn, loader: RoIDataLoader, classes: tuple[str, ...],
+           **extra: Any) -> StepResult:
+    """set_trainable for this stage, then train_loop with Caffe's lr/decay multipliers; model.pt as a checkpoint."""
+    solver = ctx.solver
+    set_trainable(model, ctx.step.id)
+    groups = _caffe_multipliers(param_groups(model, solver.lr, solver.weight_decay))
+    ctx.log(f"{len(loader.roidb)} roidb entries, {solver.iters} iterations, lr {solver.lr:g} "
+            f"(x{solver.gamma:g} every {solver.stepsize}), snapshot every {solver.snapshot_iters}")
+    try:
+        result = ctx.train(model, loss_fn, loader, param_groups=groups,
+                           checkpoint_fn=lambda m: checkpoint_dict(m, classes, stage=ctx.step.id, **extra))
+    finally:
+        loader.close()
+    return StepResult(outputs=["model.pt"], metrics=_train_metrics(ctx.step_dir, result.seconds))
+
+
+def _train_metrics(step_dir: Path, seconds: float) -> dict[str, float]:
+    """Mean total loss and per-term losses over the last 20 logged iterations, and the speed of this run."""
+    records = read_log(step_dir / LOG_NAME)[-20:]
+    metrics: dict[str, float] = {}
+    if records:
+        metrics["loss"] = round(float(np.mean([r["loss"] for r in records])), 6)
+        for key in records[-1]["losses"]:
+            metrics[key] = round(float(np.mean([r["losses"][key] for r in records])), 6)
+        metrics["iters"] = int(records[-1]["iter"])
+    metrics["train_seconds"] = round(float(seconds), 3)
+    return metrics
+
+
+def _training_imdb(ctx: StepContext) -> Imdb:
+    imdb = load_imdb(ctx.config, "PIPELINE.TRAIN_IMDB")
+    if imdb.num_images == 0:
+        raise StepFailedError(f"{ctx.step.id}: training imdb {imdb.name} has no images")
+    return imdb
+
+
+def stage1(ctx: StepContext) -> StepResult:
+    """Train the RPN (M1) from M0 on the flipped gt roidb."""
+    imdb = _training_imdb(ctx)
+    model = build_model(ctx.config, imdb.num_classes, ctx.weights, echo=ctx.log).to(ctx.device)
+    loader = make_loader(ctx.config, rpn_roidb_for_training(ctx.config, imdb), imdb.num_classes, has_rpn=True)
+    return _train(ctx, model, rpn_loss_fn(ctx.config), loader, imdb.classes)
+
+
+def stage2(ctx: StepContext) -> StepResult:
+    """Train Fast R-CNN (M2) from M0 (not M1) on GT + P1."""
+    imdb = _training_imdb(ctx)
+    roidb, means, stds = frcn_roidb_for_training(ctx.config, imdb, ctx.input_file("p1", "proposals.pkl"))
+    model = build_model(ctx.config, imdb.num_classes, ctx.weights, echo=ctx.log)
+    model.set_bbox_normalization(means, stds)
+    loader = make_loader(ctx.config, roidb, imdb.num_classes, has_rpn=False)
+    return _train(ctx, model.to(ctx.device), frcn_loss_fn(), loader, imdb.classes)
+
+
+def stage3(ctx: StepContext) -> StepResult:
+    """Fine-tune the RPN (M3) from M2 with the shared convs frozen; M2's RPN head never trained, so it is reset."""
+    imdb = _training_imdb(ctx)
+    model = load_stage_model(ctx.config, ctx.input_file("stage2", "model.pt"), imdb.classes, torch.device("cpu"))
+    reinit_rpn_head(model, torch_generator(ctx.config))
+    loader = make_loader(ctx.config, rpn_roidb_for_training(ctx.config, imdb), imdb.num_classes, has_rpn=True)
+    return _train(ctx, model.to(ctx.device), rpn_loss_fn(ctx.config), loader, imdb.classes)
+
+
+def stage4(ctx: StepContext) -> StepResult:
+    """Fine-tune Fast R-CNN (M4) from M3 on GT + P2 with the shared convs frozen; cls_score and bbox_pred reset.
+
+    M4 is the final detector: the shared convs (M2's), M3's RPN head and this step's detector head.
+    """
+    imdb = _training_imdb(ctx)
+    roidb, means, stds = frcn_roidb_for_training(ctx.config, imdb, ctx.input_file("p2", "proposals.pkl"))
+    model = load_stage_model(ctx.config, ctx.input_file("stage3", "model.pt"), imdb.classes, torch.device("cpu"))
+    reinit_predictors(model, torch_generator(ctx.config))
+    model.set_bbox_normalization(means, stds)
+    loader = make_loader(ctx.config, roidb, imdb.num_classes, has_rpn=False)
+    return _train(ctx, model.to(ctx.device), frcn_loss_fn(), loader, imdb.classes)

@@ -1,15 +1,24 @@
-"""Command line of the Faster R-CNN 4-step alternating-training pipeline: run, status, clean.
+"""Command line of the Faster R-CNN 4-step alternating-training pipeline: run, status, clean, inspect, eval, demo,
+plot-losses.
 
     python pipeline.py run [--until STEP] [--from STEP] [--only STEP] [--force STEP]
                            [--config FILE.yml] [--set KEY VALUE ...] [--debug]
     python pipeline.py status [--config FILE.yml] [--set KEY VALUE ...]
     python pipeline.py clean STEP [--config FILE.yml] [--set KEY VALUE ...]
+    python pipeline.py inspect STEP|FILE.pkl [...] [--imdb NAME] [--top N ...] [--draw IMAGE_ID --out FILE.png]
+                               [--plot FILE.png] [--json]
+    python pipeline.py eval [--step stage4|stage2] [--imdb NAME] [--use-07-metric/--no-use-07-metric]
+                            [--pr-plot FILE.png] [--detections FILE.pkl] [--out DIR]
+    python pipeline.py demo IMAGE... [--step stage4|stage2] [--out DIR] [--thresh 0.8]
+    python pipeline.py plot-losses [STEP...] --out FILE.png [--smooth K]
 
 Bad input ends with a one-line `error: ...` and exit status 2 (a traceback only with --debug); Ctrl-C or SIGTERM
 ends with 130 after saying how to continue.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +31,8 @@ from stages.config import Config, load_config
 from stages.errors import Interrupted, PipelineError
 from stages.graph import STEP_ORDER
 from stages.runner import Runner, StepReport, format_metrics
+
+TRAINING_STEPS = ("stage1", "stage2", "stage3", "stage4")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yml"
 STEP = click.Choice(STEP_ORDER)
@@ -102,6 +113,173 @@ def clean(ctx: click.Context, step: str, config_path: str | None, overrides: tup
     if downstream:
         click.echo(f"downstream of {step}: {', '.join(downstream)}; they re-run on the next `run` unless the "
                    f"new {step} outputs are byte-identical")
+
+
+@cli.command("inspect")
+@click.argument("targets", nargs=-1, required=True, metavar="STEP|FILE.pkl...")
+@click.option("--imdb", "imdb_name", default=None, metavar="NAME",
+              help="imdb the pickles index (default: the config's PIPELINE.TRAIN_IMDB).")
+@click.option("--top", "top_ns", type=click.IntRange(min=1), multiple=True, metavar="N",
+              help="Proposal counts for the recall table (repeatable; default 50 100 300 1000 2000).")
+@click.option("--draw", "draw_id", default=None, metavar="IMAGE_ID",
+              help="Draw this image's top proposals (thin) and GT boxes (thick) into --out.")
+@click.option("--draw-top", type=click.IntRange(min=1), default=300, show_default=True,
+              help="How many proposals --draw shows.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None, help="PNG/JPG for --draw.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG of recall-vs-IoU curves (the paper's fig. 4), every pickle on one chart.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of proposal-stats/1 objects instead.")
+@config_options
+@click.pass_context
+def inspect_command(ctx: click.Context, targets: tuple[str, ...], imdb_name: str | None, top_ns: tuple[int, ...],
+                    draw_id: str | None, draw_top: int, out_path: str | None, plot_path: str | None, as_json: bool,
+                    config_path: str | None, overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
+    """Proposal statistics of p1/p2 or any py-faster-rcnn proposal pickle: proposals per image, score range,
+    recall at IoU 0.5/0.7 for the top N, average recall (IoU 0.5:0.95), mean best overlap."""
+    from stages.inspect import TOP_NS, format_stats_table, inspect_pickle, resolve_proposal_file, stats_to_json
+    from stages.model_setup import load_imdb
+    from stages.plots import plot_recall_vs_iou
+    from stages.reval import eval_imdb
+
+    if draw_id is not None and out_path is None:
+        raise click.UsageError("--draw needs --out FILE.png")
+    config = build_config(config_path, overrides)
+    imdb = eval_imdb(config, imdb_name) if imdb_name else load_imdb(config, "PIPELINE.TRAIN_IMDB")
+    if draw_id is not None and draw_id not in imdb.image_index:
+        raise click.BadParameter(f"image id {draw_id!r} is not in {imdb.name}", param_hint="--draw")
+    resolved = [resolve_proposal_file(config, t) for t in targets]
+    all_stats = [inspect_pickle(path, imdb, top_ns or TOP_NS, label=label) for path, label in resolved]
+    if as_json:
+        click.echo(json.dumps([stats_to_json(s) for s in all_stats], indent=1))
+    else:
+        click.echo("\n\n".join(f"== {label}\n{format_stats_table(s)}" for (_, label), s in zip(resolved, all_stats)))
+    if plot_path:
+        panels = plot_recall_vs_iou(all_stats, [label for _, label in resolved], plot_path)
+        _note(as_json, f"wrote {plot_path} (recall vs IoU for {', '.join(map(str, panels))} proposals)")
+    if draw_id is not None:
+        for path, label in resolved:
+            target = out_path if len(resolved) == 1 else _suffixed(out_path, label)
+            _draw_proposal_picture(imdb, path, draw_id, draw_top, target)
+            _note(as_json, f"wrote {target} ({label}: top {draw_top} proposals and GT of image {draw_id})")
+
+
+def _draw_proposal_picture(imdb: Any, proposal_file: Path, image_id: str, top_n: int, target: str) -> None:
+    from stages.plots import draw_proposals, write_image
+    from stages.proposals import read_image
+
+    i = imdb.image_index.index(image_id)
+    gt = imdb.gt_roidb()[i]
+    picture = draw_proposals(read_image(imdb.image_path_at(i)), imdb.load_proposals(proposal_file)[i],
+                             gt["boxes"][gt["gt_classes"] > 0], top_n)
+    write_image(target, picture)
+
+
+def _note(quiet_stdout: bool, message: str) -> None:
+    """A 'wrote ...' line: on stdout, or on stderr when stdout carries JSON."""
+    click.echo(message, err=quiet_stdout)
+
+
+def _suffixed(path: str, label: str) -> str:
+    stem, ext = os.path.splitext(path)
+    return f"{stem}_{label.removesuffix('.pkl')}{ext}"
+
+
+@cli.command("eval")
+@click.option("--step", type=click.Choice(["stage4", "stage2"]), default="stage4", show_default=True,
+              help="stage4: the unified model M4; stage2: M1's RPN proposes, M2 detects (the unshared row).")
+@click.option("--imdb", "imdb_name", default=None, metavar="NAME",
+              help="imdb to evaluate on (default: the config's PIPELINE.TEST_IMDB).")
+@click.option("--use-07-metric/--no-use-07-metric", "use_07_metric", default=None,
+              help="VOC07 11-point AP or area under the curve (default: the imdb decides; VOC2007-style: 07).")
+@click.option("--pr-plot", type=click.Path(dir_okay=False), default=None, help="PNG of per-class PR curves.")
+@click.option("--detections", "detections_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Re-score this detections.pkl (all_boxes[cls][image]) instead of detecting, like reval.py.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default output/<EXP_DIR>/eval_<step>_<imdb>/, or reval_<imdb>/ beside "
+                   "--detections).")
+@config_options
+@click.pass_context
+def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_metric: bool | None,
+                 pr_plot: str | None, detections_file: str | None, out_dir: str | None, config_path: str | None,
+                 overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
+    """Evaluate a trained detector (or saved detections) with the VOC metric: per-class AP table and mAP."""
+    from stages.evaluate import format_ap_table
+    from stages.plots import plot_pr_curves
+    from stages.reval import evaluate_step, eval_imdb, read_pr, reval
+
+    config = build_config(config_path, overrides)
+    imdb = eval_imdb(config, imdb_name, use_07_metric)
+    target = Path(out_dir) if out_dir else None
+    if detections_file:
+        result = reval(detections_file, imdb, target)
+        what = f"detections {detections_file}"
+    else:
+        result = evaluate_step(config, step, imdb, target)
+        what = f"{step} ({'M4' if step == 'stage4' else 'M1 RPN + M2 detector'})"
+    metric = "VOC07 11-point" if result.use_07_metric else "area under the PR curve"
+    click.echo(f"{what} on {imdb.name}: {imdb.num_images} images, {metric} AP at IoU 0.5")
+    click.echo(format_ap_table(result.aps, result.map))
+    click.echo(f"wrote {result.out_dir} (aps.json, results/comp4_det_*.txt"
+               f"{'' if detections_file else ', detections.pkl'})")
+    if pr_plot:
+        plot_pr_curves(read_pr(result.out_dir / "results", imdb.classes), pr_plot,
+                       title=f"{'reval' if detections_file else step} on {imdb.name}")
+        click.echo(f"wrote {pr_plot}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--step", type=click.Choice(["stage4", "stage2"]), default="stage4", show_default=True,
+              help="stage4: the unified model; stage2: M1's RPN + M2.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default output/<EXP_DIR>/demo/); files are <stem>_det.<png|jpg>.")
+@click.option("--thresh", type=float, default=0.8, show_default=True, help="Score threshold (CONF_THRESH).")
+@config_options
+@click.pass_context
+def demo(ctx: click.Context, images: tuple[str, ...], step: str, out_dir: str | None, thresh: float,
+         config_path: str | None, overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
+    """Detect objects in plain image files and draw them with class name and score."""
+    from stages.config import experiment_dir
+    from stages.demo import demo as run_demo, format_detections
+
+    config = build_config(config_path, overrides)
+    folder = Path(out_dir) if out_dir else experiment_dir(config) / "demo"
+    results = run_demo(config, images, folder, step=step, thresh=thresh)
+    click.echo(format_detections(results))
+    click.echo(f"wrote {len(results)} picture(s) to {folder}")
+
+
+@cli.command("plot-losses")
+@click.argument("steps", nargs=-1, type=click.Choice(TRAINING_STEPS))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
+@click.option("--smooth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Moving-average window over logged iterations (0: raw).")
+@config_options
+@click.pass_context
+def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smooth: int, config_path: str | None,
+                overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
+    """Loss curves from each training step's log.jsonl (default: every step that has one), one panel per step:
+    RPN cls/box or Fast R-CNN cls/box, and the lr."""
+    from stages.config import experiment_dir
+    from stages.plots import plot_losses as draw
+    from stages.train import LOG_NAME, read_log
+
+    exp_dir = experiment_dir(build_config(config_path, overrides))
+    logs = {}
+    for step in steps or TRAINING_STEPS:
+        records = read_log(exp_dir / step / LOG_NAME)
+        if records:
+            logs[step] = records
+        elif steps:
+            raise FileNotFoundError(f"{exp_dir / step / LOG_NAME}: no training log (run `pipeline.py run "
+                                    f"--until {step}` first)")
+    if not logs:
+        raise FileNotFoundError(f"{exp_dir}: no training step has a {LOG_NAME} yet")
+    draw(logs, out_path, smooth=smooth)
+    click.echo(format_table(["step", "iterations", "last loss", "last lr"],
+                            [[s, str(r[-1]["iter"]), f"{r[-1]['loss']:.4f}", f"{r[-1]['lr']:g}"]
+                             for s, r in logs.items()]))
+    click.echo(f"wrote {out_path}")
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

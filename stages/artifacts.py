@@ -7,18 +7,29 @@ A manifest is JSON:
      "progress": {"iteration": k, "total": N}}
 Every file is written to a temporary name in its own folder, fsynced and renamed into place, so a crash never
 leaves a half-written file under a final name; a failed write removes the temporary and keeps the old file.
+
+Fault injection (tests and bench/kill_campaign.py only): FRCNN_FAULT="<action>:<pattern>:<n>" makes the n-th atomic
+write (in this process) whose path ends with the glob <pattern> ("stage2/manifest.json", "snapshots/iter_*.pt",
+"model.pt") fail after its temporary is written and before the rename: action "kill" truncates the temporary to
+half and SIGKILLs the process, "enospc" raises OSError(ENOSPC), "sigint"/"sigterm" send that signal to the
+process. "nan:<step>:<k>" is read by the training loop: iteration k of step <step> gets a NaN loss.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+FAULT_ENV = "FRCNN_FAULT"
+_fault_counts: dict[str, int] = {}
 _CHUNK = 1 << 20
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -36,6 +47,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_file(tmp)
+        if FAULT_ENV in os.environ:
+            inject_write_fault(final, tmp)
         os.replace(tmp, final)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
@@ -44,6 +57,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise OSError(err.errno, f"{err.strerror or err} while writing", str(final)) from err
         raise
     _fsync_dir(final.parent)
+
+
+def parse_fault(spec: str) -> tuple[str, str, int]:
+    """(action, pattern, n) of an FRCNN_FAULT value; ValueError naming the variable when malformed."""
+    action, _, rest = spec.partition(":")
+    pattern, _, count = rest.rpartition(":")
+    if action not in ("kill", "enospc", "sigint", "sigterm", "nan") or not pattern or not count.isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <kill|enospc|sigint|sigterm|nan>:<pattern>:<n>")
+    return action, pattern, int(count)
+
+
+def inject_write_fault(final: Path, tmp: Path) -> None:
+    """Act on FRCNN_FAULT when `final` is the n-th matching write of this process (see the module docstring)."""
+    action, pattern, n = parse_fault(os.environ[FAULT_ENV])
+    if action == "nan" or not fnmatch.fnmatch(final.as_posix(), "*/" + pattern.lstrip("/")):
+        return
+    _fault_counts[pattern] = _fault_counts.get(pattern, 0) + 1
+    if _fault_counts[pattern] != n:
+        return
+    if action == "kill":
+        os.truncate(tmp, tmp.stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

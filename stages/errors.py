@@ -38,8 +38,12 @@ class NonFiniteLossError(PipelineError, FloatingPointError):
         self.iteration = iteration
 
 
-class Interrupted(PipelineError):
-    """SIGINT or SIGTERM arrived; raised in the main thread so `finally` blocks release the lock."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; raised in the main thread so `finally` blocks release the lock.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (the kernel build's
+    fallback, a snapshot probe) swallows it and lets the run go on.
+    """
 
     def __init__(self, signum: int, message: str = ""):
         import signal

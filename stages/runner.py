@@ -31,7 +31,7 @@ from .errors import Interrupted, MissingStepBodyError, PipelineError, StepFailed
 from .graph import M0, STEP_ORDER, Selection, Step, downstream_steps, fingerprint_parts, get_step, hash_parts
 from .graph import select_steps
 from .lock import RunLock, interrupt_guard, lock_holder_alive, read_lock
-from .train import BatchLoader, LossFn, TrainResult, train_loop
+from .train import FINAL_MODEL, SNAPSHOT_DIR, BatchLoader, LossFn, TrainResult, train_loop
 
 _RESULT = ".result.json"
 _CHILD_GRACE_S = 120.0
@@ -284,27 +284,53 @@ class Runner:
         try:
             result = self._call_body(step_id)
         except Interrupted as err:
+            self._restore_previous(step_id)
             message = str(err) if str(err).startswith(step_id) else f"{step_id}: {err}"
             raise Interrupted(err.signum, message) from None
+        except BaseException:
+            self._restore_previous(step_id)
+            raise
         seconds = time.time() - started
         outputs = hash_outputs(self.step_dir(step_id), result.outputs)
         update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
                         timings={"started": _iso(started), "finished": _iso(time.time()),
                                  "seconds": round(seconds, 3)})
+        shutil.rmtree(self._previous_dir(step_id), ignore_errors=True)
         self.echo(f"{step_id}: done in {seconds:.1f}s")
         return StepReport(step_id, "ran", reason, seconds, result.metrics)
 
     def _prepare_dir(self, step_id: str, fingerprint: str, forced: bool) -> dict[str, Any] | None:
-        """Keep a partial run of the same fingerprint (to resume it); otherwise start from an empty folder."""
+        """Keep a partial run of the same fingerprint (to resume it); otherwise start from an empty folder, the
+        old one set aside until the step succeeds (see `_restore_previous`)."""
         folder = self.step_dir(step_id)
         manifest = read_manifest(folder)
         if (not forced and manifest and manifest.get("status") == "running"
                 and manifest.get("fingerprint") == fingerprint):
+            for leftover in folder.rglob(".*.tmp"):  # temporaries of a killed write; we hold the lock
+                leftover.unlink(missing_ok=True)
             return manifest.get("progress")
+        previous = self._previous_dir(step_id)
+        shutil.rmtree(previous, ignore_errors=True)
         if folder.exists():
-            shutil.rmtree(folder)
+            os.replace(folder, previous)
         folder.mkdir(parents=True)
         return None
+
+    def _previous_dir(self, step_id: str) -> Path:
+        return self.exp_dir / f".{step_id}.previous"
+
+    def _restore_previous(self, step_id: str) -> None:
+        """After a failed or interrupted run, put the step's previous folder back unless the new run left
+        something to resume (a snapshot or model.pt): bad input then never costs what was computed before."""
+        previous, folder = self._previous_dir(step_id), self.step_dir(step_id)
+        if not previous.is_dir():
+            return
+        if (folder / FINAL_MODEL).is_file() or any((folder / SNAPSHOT_DIR).glob("iter_*.pt")):
+            shutil.rmtree(previous, ignore_errors=True)
+            return
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(previous, folder)
+        self.echo(f"{step_id}: kept its previous outputs (the failed run left nothing to resume)")
 
     def context(self, step_id: str, echo: Callable[[str], None] | None = None) -> StepContext:
         step = get_step(step_id)
@@ -332,16 +358,20 @@ class Runner:
         result_file = self.step_dir(step_id) / _RESULT
         result_file.unlink(missing_ok=True)
         process = multiprocessing.get_context("spawn").Process(
-            target=_child_main, args=(body, ctx, self.debug), name=f"step-{step_id}")
+            target=_child_main, args=(body, ctx, self.debug, os.getpid()), name=f"step-{step_id}")
         process.start()
         _wait_for_child(process, step_id)
-        if process.exitcode != 0:
-            raise StepFailedError(f"{step_id}: child process (pid {process.pid}) {_exit_text(process.exitcode)}")
         try:
             data = json.loads(result_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise StepFailedError(f"{step_id}: child process exited without reporting its result") from None
+            data = None
         result_file.unlink(missing_ok=True)
+        if process.exitcode == 2 and isinstance(data, dict) and "error" in data:
+            raise StepFailedError(data["error"])  # the child's one-line bad-input message, printed once
+        if process.exitcode != 0:
+            raise StepFailedError(f"{step_id}: child process (pid {process.pid}) {_exit_text(process.exitcode)}")
+        if not isinstance(data, dict) or "outputs" not in data:
+            raise StepFailedError(f"{step_id}: child process exited without reporting its result")
         return StepResult(data["outputs"], data["metrics"])
 
     def status_rows(self) -> list[dict[str, str]]:
@@ -370,6 +400,7 @@ class Runner:
             folder = self.step_dir(step_id)
             if folder.exists():
                 shutil.rmtree(folder)
+            shutil.rmtree(self._previous_dir(step_id), ignore_errors=True)
         return downstream_steps(step_id)
 
 
@@ -421,8 +452,22 @@ def _wait_for_child(process: multiprocessing.process.BaseProcess, step_id: str) 
                           f"{_exit_text(process.exitcode)}") from None
 
 
-def _child_main(body: StepBody, ctx: StepContext, debug: bool) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, have the kernel SIGKILL this child when the parent dies: an orphaned step must not go on writing
+    into a folder that the next run (which takes over the dead parent's lock) owns."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(137)
+
+
+def _child_main(body: StepBody, ctx: StepContext, debug: bool, parent_pid: int | None = None) -> None:
     """Entry point of an isolated step: run the body, leave its result in the step folder, exit 0/2/130/1."""
+    if parent_pid is not None and sys.platform.startswith("linux"):
+        _die_with_parent(parent_pid)
     code = 0
     with interrupt_guard():
         try:
@@ -435,8 +480,11 @@ def _child_main(body: StepBody, ctx: StepContext, debug: bool) -> None:
         except (PipelineError, ValueError, KeyError, OSError) as err:
             if debug:
                 traceback.print_exc()
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"error: {ctx.step.id}: {message}", file=sys.stderr)
+            message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+            try:  # the parent prints it, so the user sees one error line
+                atomic_write_json(ctx.step_dir / _RESULT, {"error": f"{ctx.step.id}: {message}"})
+            except OSError:
+                print(f"error: {ctx.step.id}: {message}", file=sys.stderr)
             code = 2
         except BaseException:
             traceback.print_exc()

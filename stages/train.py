@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import numpy as np
 import torch
 
-from .artifacts import atomic_path, atomic_write_text
+from .artifacts import FAULT_ENV, atomic_path, atomic_write_text, parse_fault
 from .errors import Interrupted, NonFiniteLossError
 from .lock import defer_interrupts
 from .progress import ProgressBar
@@ -210,6 +211,12 @@ def _total_loss(losses: Mapping[str, torch.Tensor], label: str) -> torch.Tensor:
     return total
 
 
+def _injected_nan(label: str, iteration: int) -> bool:
+    """FRCNN_FAULT="nan:<label>:<k>" (fault injection, see stages.artifacts): a NaN loss at iteration k."""
+    action, step, k = parse_fault(os.environ[FAULT_ENV])
+    return action == "nan" and step == label and k == iteration
+
+
 def _nonfinite(losses: Mapping[str, float], total: float) -> list[str]:
     bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
     return bad or ([f"total={total}"] if not math.isfinite(total) else [])
@@ -357,6 +364,8 @@ def _iterate(run: _Run, loss_fn: LossFn, start: int, iters: int, snapshot_iters:
                 with torch.autocast(run.device_type, dtype=run.autocast_dtype,
                                     enabled=run.autocast_dtype is not None):
                     losses = loss_fn(run.model, batch)
+                if FAULT_ENV in os.environ and _injected_nan(label, iteration):
+                    losses = {k: v * float("nan") for k, v in losses.items()}
                 total = _total_loss(losses, label)
                 last = {k: float(v.detach()) for k, v in losses.items()}
                 lr_now = run.optimizer.param_groups[0]["lr"]

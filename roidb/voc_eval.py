@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from lxml import etree
 
 from roidb.errors import DataError
+from roidb.imdb import atomic_write_bytes
 
 __all__ = ["parse_rec", "voc_ap", "voc_eval", "write_voc_results_files", "results_file_name"]
 
@@ -81,19 +81,6 @@ def voc_ap(rec: np.ndarray, prec: np.ndarray, use_07_metric: bool = False) -> fl
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _file_signature(path: str) -> bytes:
     try:
         st = os.stat(path)
@@ -124,7 +111,7 @@ def _load_annotations(annopath: str, imagesetfile: str, cachedir: str) -> tuple[
         except (OSError, ValueError):
             pass
     recs = {name: parse_rec(annopath.format(name)) for name in imagenames}
-    _atomic_write_text(cachefile, json.dumps(recs))
+    atomic_write_bytes(cachefile, json.dumps(recs).encode())
     return imagenames, recs
 
 
@@ -258,6 +245,6 @@ def write_voc_results_files(all_boxes: Sequence[Sequence[np.ndarray]], image_ind
             for (x1, y1, x2, y2), score in zip(coords, dets[:, 4]):
                 lines.append("{:s} {:.3f} {:.1f} {:.1f} {:.1f} {:.1f}\n".format(index, score, x1, y1, x2, y2))
         path = os.path.join(output_dir, results_file_name(image_set, cls, salt))
-        _atomic_write_text(path, "".join(lines))
+        atomic_write_bytes(path, "".join(lines).encode())
         paths[cls] = path
     return paths

@@ -15,6 +15,7 @@ Inference runs in float32 (PIPELINE.AMP applies to training). AP uses the VOC07 
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from .progress import ProgressBar
 from .proposals import read_image, write_pickle
 from .runner import StepContext, StepResult
 
-__all__ = ["detect_image", "test_net", "format_ap_table", "evaluate"]
+__all__ = ["detect_image", "run_detector", "test_net", "format_ap_table", "evaluate"]
 
 
 def _check_test_settings(config: Config) -> None:
@@ -64,13 +65,17 @@ def detect_image(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.
 
 
 @torch.no_grad()
-def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval") -> list[list[np.ndarray]]:
-    """all_boxes[cls][image]: float32 (N, 5) detections of every image of `imdb` (entry 0, background, empty)."""
-    model.eval()
+def run_detector(detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], imdb: Imdb, config: Config,
+                 label: str = "eval") -> list[list[np.ndarray]]:
+    """all_boxes[cls][image]: float32 (N, 5) for every image of `imdb` (entry 0, background, empty).
+
+    ``detect(im_bgr) -> (scores (R, K), boxes (R, 4K))`` is filtered as py-faster-rcnn's test_net:
+    PIPELINE.DET_THRESH, NMS at TEST.NMS, PIPELINE.MAX_PER_IMAGE over all classes.
+    """
     all_boxes: list[list[np.ndarray]] = [[] for _ in range(imdb.num_classes)]
     bar = ProgressBar(imdb.num_images, label)
     for i in range(imdb.num_images):
-        scores, boxes = detect_image(model, read_image(imdb.image_path_at(i)), config)
+        scores, boxes = detect(read_image(imdb.image_path_at(i)))
         dets = postprocess_detections(scores, boxes, thresh=config.get("PIPELINE.DET_THRESH"),
                                       nms_thresh=config.get("TEST.NMS"),
                                       max_per_image=config.get("PIPELINE.MAX_PER_IMAGE"))
@@ -79,6 +84,12 @@ def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval")
         bar.update(i + 1)
     bar.close()
     return all_boxes
+
+
+def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval") -> list[list[np.ndarray]]:
+    """all_boxes[cls][image] of `model` (its RPN proposing) over every image of `imdb`."""
+    model.eval()
+    return run_detector(lambda im: detect_image(model, im, config), imdb, config, label)
 
 
 def format_ap_table(aps: dict[str, float], mean_ap: float) -> str:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nets import FasterRCNN, im_detect, postprocess_detections, prep_image
+from nets import FasterRCNN, im_detect, prep_image
 from roidb.errors import DataError
 from roidb.factory import get_imdb
 from roidb.imdb import Imdb
@@ -28,10 +28,9 @@ from roidb.safe_pickle import safe_load
 from .artifacts import atomic_write_text
 from .config import Config, data_root, experiment_dir
 from .errors import PipelineError
-from .evaluate import _check_test_settings, detect_image
+from .evaluate import _check_test_settings, detect_image, run_detector
 from .model_setup import load_stage_model, pixel_means
-from .progress import ProgressBar
-from .proposals import read_image, write_pickle
+from .proposals import write_pickle
 
 __all__ = ["EVAL_STEPS", "EvalResult", "eval_imdb", "resolve_device", "step_model_path", "default_out_dir",
            "unshared_detect_image", "step_detector", "run_detector", "evaluate_step", "load_detections", "reval",
@@ -95,24 +94,6 @@ def unshared_detect_image(rpn_model: FasterRCNN, det_model: FasterRCNN, im: np.n
     if not t.BBOX_REG:
         pred = np.tile(boxes, (1, det_model.num_classes)).astype(np.float32)
     return scores, pred
-
-
-@torch.no_grad()
-def run_detector(detect: DetectFn, imdb: Imdb, config: Config, label: str = "eval") -> list[list[np.ndarray]]:
-    """all_boxes[cls][image] (N, 5) for every image of ``imdb``, ``detect(im) -> (scores, boxes)`` filtered as
-    py-faster-rcnn's test_net (PIPELINE.DET_THRESH, TEST.NMS, PIPELINE.MAX_PER_IMAGE)."""
-    all_boxes: list[list[np.ndarray]] = [[] for _ in range(imdb.num_classes)]
-    bar = ProgressBar(imdb.num_images, label)
-    for i in range(imdb.num_images):
-        scores, boxes = detect(read_image(imdb.image_path_at(i)))
-        dets = postprocess_detections(scores, boxes, thresh=config.get("PIPELINE.DET_THRESH"),
-                                      nms_thresh=config.get("TEST.NMS"),
-                                      max_per_image=config.get("PIPELINE.MAX_PER_IMAGE"))
-        for j in range(imdb.num_classes):
-            all_boxes[j].append(dets[j].astype(np.float32))
-        bar.update(i + 1)
-    bar.close()
-    return all_boxes
 
 
 def _score(all_boxes: list, imdb: Imdb, out_dir: Path, extra: dict) -> EvalResult:

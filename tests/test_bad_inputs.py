@@ -15,23 +15,14 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from faults import (EXP, STEPS, Workspace, changed_files, cli, digest_tree, error_line, hostile_pickle,
-                    manifest, manifest_problems, register_output, remove_steps, sha256, workspace)
+                    manifest, manifest_problems, register_output, remove_steps, sha256)
 from roidb.factory import get_imdb
 
 CONFIG_YML = f"{EXP}/config.yml"
 SHAPE_CLASSES = ["ellipse", "rectangle", "triangle", "star", "cross", "ring"]
-
-
-@pytest.fixture
-def ws(tmp_path_factory) -> Workspace:
-    space = workspace(tmp_path_factory)
-    space.reset()
-    yield space
-    space.reset()
 
 
 def first_train_id(ws: Workspace) -> str:

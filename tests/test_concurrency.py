@@ -12,16 +12,8 @@ import time
 
 import pytest
 
-from faults import Workspace, cli, digest_tree, error_line, remove_steps, workspace
+from faults import cli, digest_tree, error_line, remove_steps
 from stages.lock import LOCK_NAME
-
-
-@pytest.fixture
-def ws(tmp_path_factory) -> Workspace:
-    space = workspace(tmp_path_factory)
-    space.reset()
-    yield space
-    space.reset()
 
 
 @pytest.fixture

@@ -18,18 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import (STEPS, Workspace, manifest, manifest_problems, remove_steps, sha256, workspace)
+from faults import (STEPS, Workspace, manifest, manifest_problems, remove_steps, sha256)
 from stages.lock import LOCK_NAME
 
 CONTINUE_HINT = "run the same command again to continue"
-
-
-@pytest.fixture
-def ws(tmp_path_factory) -> Workspace:
-    space = workspace(tmp_path_factory)
-    space.reset()
-    yield space
-    space.reset()
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:

@@ -12,18 +12,10 @@ from pathlib import Path
 import pytest
 
 import pipeline
-from faults import (ROOT, Workspace, changed_files, cli, digest_tree, error_line, hostile_pickle, hostile_torch_file,
-                    manifest, register_output, remove_steps, sha256, workspace)
+from faults import (ROOT, changed_files, cli, digest_tree, error_line, hostile_pickle, hostile_torch_file,
+                    manifest, register_output, remove_steps, sha256)
 
 CODE_DIRS = ("stages", "nets", "roidb", "kernels")
-
-
-@pytest.fixture
-def ws(tmp_path_factory) -> Workspace:
-    space = workspace(tmp_path_factory)
-    space.reset()
-    yield space
-    space.reset()
 
 
 def calls(tree: ast.AST, module: str, names: tuple[str, ...]):

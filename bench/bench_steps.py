@@ -1,10 +1,11 @@
 """Per-unit cost of each pipeline step on the default config: one training iteration of each stage kind, one
 proposal image, one detection image. Prints a table of medians over repeats (seconds and rate).
 
-    python3 bench/bench_steps.py [--config configs/default.yml] [--repeats 20] [--warmup 3]
+    python3 bench/bench_steps.py [--config configs/default.yml] [--repeats 20] [--warmup 3] [--threads N]
 
 Fast R-CNN batches sample from 2000 random boxes per image (stand-ins for P1). Multiply by the iteration / image counts of a config to predict a full run; compare with the step times that
-`pipeline.py status` shows. Threads follow torch's default (OMP_NUM_THREADS to change it).
+`pipeline.py status` shows. Threads follow torch's default (OMP_NUM_THREADS or --threads to change it); on a shared
+machine one thread per process is much faster than two competing ones.
 """
 from __future__ import annotations
 
@@ -67,7 +68,10 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "default.yml"))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     config = load_config(args.config)
     rng = np.random.default_rng(0)
     imdb = load_imdb(config, "PIPELINE.TRAIN_IMDB")

@@ -86,8 +86,13 @@ class Backbone(nn.Module):
         return [n for n, m in self.body.named_children() if isinstance(m, nn.Conv2d)]
 
     def forward(self, data: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) image blob -> (B, out_channels, ~H/16, ~W/16) features (Caffe's ceil-mode pools)."""
-        return self.body(data)
+        """(B, 3, H, W) image blob -> (B, out_channels, ~H/16, ~W/16) contiguous features (Caffe's ceil-mode pools).
+
+        The body runs in channels_last memory format: on the CPU, oneDNN convolutions and max pooling are faster
+        there than in NCHW (bench/bench_steps.py). Values are the same up to float rounding.
+        """
+        features = self.body(data.contiguous(memory_format=torch.channels_last))
+        return features.contiguous()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """(R, C, P, P) pooled RoI features -> (R, fc_dim) fc7 activations."""
@@ -102,8 +107,7 @@ def _pool(k: int = 2, stride: int = 2, padding: int = 0) -> nn.MaxPool2d:
     return nn.MaxPool2d(k, stride=stride, padding=padding, ceil_mode=True)
 
 
-def _vgg_body(blocks: Sequence[Sequence[int]], in_channels: int = 3, last_pool: bool = False
-              ) -> tuple["OrderedDict[str, nn.Module]", int]:
+def _vgg_body(blocks: Sequence[Sequence[int]], in_channels: int = 3) -> tuple["OrderedDict[str, nn.Module]", int]:
     """Blocks of 3x3 convs named conv{b}_{i} (or conv{b} when a block has one conv), 2x2 pools between blocks."""
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
     cin = in_channels
@@ -113,7 +117,7 @@ def _vgg_body(blocks: Sequence[Sequence[int]], in_channels: int = 3, last_pool: 
             layers[f"conv{suffix}"] = _conv(cin, cout)
             layers[f"relu{suffix}"] = nn.ReLU(inplace=True)
             cin = cout
-        if b < len(blocks) or last_pool:
+        if b < len(blocks):
             layers[f"pool{b}"] = _pool()
     return layers, cin
 
@@ -141,14 +145,20 @@ def zf() -> Backbone:
 
 
 def tiny() -> Backbone:
-    """A small VGG-style body for CPU work: 3x3 convs 32/64/128/256, four 2x2 pools (stride 16).
+    """A small VGG-style body for CPU work: conv1 3x3/2 (32), then 3x3 convs 64/128/256 each followed by a 2x2
+    ceil-mode pool (stride 16, features ceil(H/16) x ceil(W/16) as with four pools).
 
-    Box head: RoI pool 7x7, fc6/fc7 of 512 without dropout (it trains from scratch in a few hundred steps);
-    RPN conv 256. conv1 is always frozen, like VGG16's conv1/conv2: a random 3x3 filter bank on raw pixels
-    keeps the image content, and no gradient is computed at full resolution.
+    conv1 strides by 2 instead of running at full resolution and pooling: on the CPU a full-resolution conv on 3
+    channels plus its pool cost more than the three other convs together. Box head: RoI pool 7x7, fc6/fc7 of 512
+    without dropout (it trains from scratch in a few hundred steps; fc 256 gave a lower demo mAP); RPN conv 256.
+    conv1 is always frozen, like VGG16's conv1/conv2: a random 3x3 filter bank on raw pixels keeps the image
+    content, and no gradient is computed at high resolution.
     """
-    body, c = _vgg_body([[32], [64], [128], [256]], last_pool=True)
-    return Backbone("tiny", body, c, rpn_channels=256, pool_size=7, fc_dim=512, dropout=False,
+    body: "OrderedDict[str, nn.Module]" = OrderedDict()
+    body["conv1"], body["relu1"] = _conv(3, 32, stride=2), nn.ReLU(inplace=True)
+    for b, cin, cout in ((2, 32, 64), (3, 64, 128), (4, 128, 256)):
+        body[f"conv{b}"], body[f"relu{b}"], body[f"pool{b}"] = _conv(cin, cout), nn.ReLU(inplace=True), _pool()
+    return Backbone("tiny", body, 256, rpn_channels=256, pool_size=7, fc_dim=512, dropout=False,
                     always_frozen=("conv1",))
 
 

@@ -16,7 +16,7 @@ PIXEL_MEANS = (102.9801, 115.9465, 122.7717)
 def test_feature_shapes(net, channels, expect_hw):
     b = build_backbone(net)
     out = b(torch.randn(1, 3, 64, 96))
-    # tiny: four ceil-mode 2x2 pools -> ceil(64/16) x ceil(96/16). zf (Caffe arithmetic): 64 -> conv1 32 ->
+    # tiny: a stride-2 conv1 and three ceil-mode 2x2 pools -> ceil(64/16) x ceil(96/16). zf (Caffe arithmetic): 64 -> conv1 32 ->
     # pool1 ceil(31/2)+1 = 17 -> conv2 9 -> pool2 ceil(8/2)+1 = 5; 96 -> 48 -> 25 -> 13 -> 7.
     assert out.shape == (1, channels, *expect_hw)
     pooled = torch.randn(3, channels, b.pool_size, b.pool_size)

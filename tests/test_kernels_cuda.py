@@ -6,6 +6,7 @@ import torch
 
 import kernels
 from kernels import build, reference
+from test_kernels import random_rois
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -45,23 +46,13 @@ def test_cuda_nms_matches_reference(cuda_ext, dtype):
         assert torch.equal(got.cpu(), reference.batched_nms(boxes, scores, idxs, 0.5))
 
 
-def _rois(r: int, seed: int, batch: int, extent: float, dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x1 = torch.rand(r, generator=g, dtype=torch.float64) * extent * 1.4 - extent * 0.2
-    y1 = torch.rand(r, generator=g, dtype=torch.float64) * extent * 1.4 - extent * 0.2
-    w = torch.rand(r, generator=g, dtype=torch.float64) * extent * 0.8 - extent * 0.05
-    h = torch.rand(r, generator=g, dtype=torch.float64) * extent * 0.8 - extent * 0.05
-    b = torch.randint(0, batch, (r,), generator=g).double()
-    return torch.stack((b, x1, y1, x1 + w, y1 + h), 1).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["roi_pool", "roi_align"])
 def test_cuda_roi_ops_match_reference(cuda_ext, dtype, op):
     tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
     for seed, (size, scale) in enumerate([((7, 7), 1 / 16), ((3, 5), 0.5), ((1, 1), 1.0)]):
         feats = torch.randn(2, 3, 9, 11, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-        rois = _rois(20, seed, 2, 11 / scale, dtype)
+        rois = random_rois(20, seed, 2, 11 / scale, dtype)
         variants = [{}] if op == "roi_pool" else [dict(sampling_ratio=s, aligned=a) for s in (-1, 2) for a in
                                                    (False, True)]
         for kw in variants:

@@ -4,6 +4,7 @@
 // scatter into a channel plane has a single writer (deterministic, no atomics), a RoI's taps stay in L1 across the
 // block's channels and the block's planes stay in L2 across RoIs.
 #include "kernels_cpu.h"
+#include "roi_align_taps.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -59,26 +60,11 @@ Geom<T> roi_geom(const T* roi, T scale, bool aligned, int64_t ph_n, int64_t pw_n
 template <typename T>
 Tap<T> bilinear_tap(T y, T x, int64_t H, int64_t W) {
   Tap<T> t{-1, 0, 0, 0, T(0), T(0), T(0), T(0)};  // p1 = -1: outside the map, contributes nothing
-  if (y < T(-1) || y > static_cast<T>(H) || x < T(-1) || x > static_cast<T>(W)) return t;
-  if (y <= 0) y = 0;
-  if (x <= 0) x = 0;
-  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x), y_high, x_high;
-  if (y_low >= H - 1) {
-    y_high = y_low = H - 1;
-    y = static_cast<T>(y_low);
-  } else {
-    y_high = y_low + 1;
-  }
-  if (x_low >= W - 1) {
-    x_high = x_low = W - 1;
-    x = static_cast<T>(x_low);
-  } else {
-    x_high = x_low + 1;
-  }
-  const T ly = y - static_cast<T>(y_low), lx = x - static_cast<T>(x_low), hy = T(1) - ly, hx = T(1) - lx;
-  t.p1 = int(y_low * W + x_low); t.p2 = int(y_low * W + x_high);
-  t.p3 = int(y_high * W + x_low); t.p4 = int(y_high * W + x_high);
-  t.w1 = hy * hx; t.w2 = hy * lx; t.w3 = ly * hx; t.w4 = ly * lx;
+  int64_t pos[4];
+  T wt[4];
+  if (!bilinear_taps(y, x, H, W, pos, wt)) return t;
+  t.p1 = int(pos[0]); t.p2 = int(pos[1]); t.p3 = int(pos[2]); t.p4 = int(pos[3]);
+  t.w1 = wt[0]; t.w2 = wt[1]; t.w3 = wt[2]; t.w4 = wt[3];
   return t;
 }
 

@@ -2,37 +2,13 @@
 #include <cuda_runtime.h>
 
 #include "kernels_cuda.h"
+#include "roi_align_taps.h"
 
 namespace {
 
 constexpr int kThreads = 256;
 
 inline unsigned grid_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
-
-// Bilinear taps of (y, x): returns false when the point lies outside [-1, H] x [-1, W].
-template <typename T>
-__device__ bool taps(T y, T x, int64_t H, int64_t W, int64_t* pos, T* wt) {
-  if (y < T(-1) || y > static_cast<T>(H) || x < T(-1) || x > static_cast<T>(W)) return false;
-  if (y <= 0) y = 0;
-  if (x <= 0) x = 0;
-  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x), y_high, x_high;
-  if (y_low >= H - 1) {
-    y_high = y_low = H - 1;
-    y = static_cast<T>(y_low);
-  } else {
-    y_high = y_low + 1;
-  }
-  if (x_low >= W - 1) {
-    x_high = x_low = W - 1;
-    x = static_cast<T>(x_low);
-  } else {
-    x_high = x_low + 1;
-  }
-  const T ly = y - static_cast<T>(y_low), lx = x - static_cast<T>(x_low), hy = T(1) - ly, hx = T(1) - lx;
-  pos[0] = y_low * W + x_low; pos[1] = y_low * W + x_high; pos[2] = y_high * W + x_low; pos[3] = y_high * W + x_high;
-  wt[0] = hy * hx; wt[1] = hy * lx; wt[2] = ly * hx; wt[3] = ly * lx;
-  return true;
-}
 
 template <typename T>
 struct Bin {
@@ -62,6 +38,20 @@ __device__ Bin<T> bin_of(const T* roi, int64_t ph, int64_t pw, int64_t ph_n, int
   return g;
 }
 
+// Calls fn(pos, wt) with the bilinear taps of every sample point of bin g that lies on the map.
+template <typename T, typename Fn>
+__device__ void for_each_tap(const Bin<T>& g, int64_t H, int64_t W, Fn fn) {
+  int64_t pos[4];
+  T wt[4];
+  for (int64_t iy = 0; iy < g.gh; ++iy) {
+    const T y = g.y0 + static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.gh);
+    for (int64_t ix = 0; ix < g.gw; ++ix) {
+      const T x = g.x0 + static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.gw);
+      if (bilinear_taps(y, x, H, W, pos, wt)) fn(pos, wt);
+    }
+  }
+}
+
 template <typename T>
 __global__ void roi_align_forward_kernel(const T* features, const T* rois, int64_t total, int64_t C, int64_t H,
                                          int64_t W, int64_t ph_n, int64_t pw_n, T scale, int64_t sampling_ratio,
@@ -73,16 +63,9 @@ __global__ void roi_align_forward_kernel(const T* features, const T* rois, int64
     const Bin<T> g = bin_of(rois + r * 5, ph, pw, ph_n, pw_n, scale, sampling_ratio, aligned);
     const T* plane = features + (g.batch * C + c) * H * W;
     T acc = 0;
-    int64_t pos[4];
-    T wt[4];
-    for (int64_t iy = 0; iy < g.gh; ++iy) {
-      const T y = g.y0 + static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.gh);
-      for (int64_t ix = 0; ix < g.gw; ++ix) {
-        const T x = g.x0 + static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.gw);
-        if (taps(y, x, H, W, pos, wt))
-          acc += wt[0] * plane[pos[0]] + wt[1] * plane[pos[1]] + wt[2] * plane[pos[2]] + wt[3] * plane[pos[3]];
-      }
-    }
+    for_each_tap(g, H, W, [&](const int64_t* pos, const T* wt) {
+      acc += wt[0] * plane[pos[0]] + wt[1] * plane[pos[1]] + wt[2] * plane[pos[2]] + wt[3] * plane[pos[3]];
+    });
     output[index] = acc / g.count;
   }
 }
@@ -98,16 +81,9 @@ __global__ void roi_align_backward_kernel(const T* grad, const T* rois, int64_t 
     const Bin<T> g = bin_of(rois + r * 5, ph, pw, ph_n, pw_n, scale, sampling_ratio, aligned);
     T* plane = grad_features + (g.batch * C + c) * H * W;
     const T v = grad[index] / g.count;
-    int64_t pos[4];
-    T wt[4];
-    for (int64_t iy = 0; iy < g.gh; ++iy) {
-      const T y = g.y0 + static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.gh);
-      for (int64_t ix = 0; ix < g.gw; ++ix) {
-        const T x = g.x0 + static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.gw);
-        if (taps(y, x, H, W, pos, wt))
-          for (int k = 0; k < 4; ++k) atomicAdd(plane + pos[k], wt[k] * v);
-      }
-    }
+    for_each_tap(g, H, W, [&](const int64_t* pos, const T* wt) {
+      for (int k = 0; k < 4; ++k) atomicAdd(plane + pos[k], wt[k] * v);
+    });
   }
 }
 

@@ -28,6 +28,7 @@ import click
 
 import stages  # noqa: F401  (importing stages registers the step bodies)
 from stages.config import Config, load_config
+from stages.distributed import init_from_env, shutdown
 from stages.errors import Interrupted, PipelineError
 from stages.graph import STEP_ORDER
 from stages.runner import Runner, StepReport, format_metrics
@@ -76,13 +77,22 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.pass_context
 def run(ctx: click.Context, until: str | None, from_: str | None, only: str | None, force: str | None,
         config_path: str | None, overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
-    """Run the pipeline: skip done steps, resume partial ones, run the rest."""
+    """Run the pipeline: skip done steps, resume partial ones, run the rest.
+
+    Under `torchrun --nproc_per_node=N pipeline.py run ...` every training step runs data-parallel (DDP) and the
+    proposal dumps and eval split the images; rank 0 prints and writes.
+    """
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
     config = build_config(config_path, overrides)
-    runner = Runner(config, echo=click.echo, debug=ctx.obj["debug"])
-    click.echo(f"experiment: {runner.exp_dir}")
-    reports = runner.run(until=until, from_=from_, only=only, force=force)
-    click.echo(summary_table(reports))
+    dist = init_from_env(config.get("PIPELINE.DEVICE"))
+    try:
+        runner = Runner(config, echo=click.echo, debug=ctx.obj["debug"], dist=dist)
+        runner.echo(f"experiment: {runner.exp_dir}"
+                    + (f" ({dist.world_size} processes, {dist.device.type})" if dist.enabled else ""))
+        reports = runner.run(until=until, from_=from_, only=only, force=force)
+        runner.echo(summary_table(reports))
+    finally:
+        shutdown()
 
 
 @cli.command()
@@ -297,7 +307,8 @@ def summary_table(reports: list[StepReport]) -> str:
 
 def _message(err: BaseException) -> str:
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(str(text).split())
+    rank = os.environ.get("RANK", "0")
+    return ("" if rank == "0" else f"[rank {rank}] ") + " ".join(str(text).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,10 +6,13 @@ py-faster-rcnn's ``RoIDataLayer`` index logic, made resumable and overlapped wit
   (width >= height) and portrait entries are permuted separately, cut into groups of ``ims_per_batch``, the
   groups permuted, and any leftover entries (the mixed remainder of both orientations) go last, so every length
   works, odd ones included (py-faster-rcnn#61).
-- A new permutation is drawn when fewer than ``ims_per_batch * world_size`` entries remain. Each step consumes
-  ``ims_per_batch * world_size`` entries of the shared permutation; rank r takes its own disjoint slice.
-- Batch k's blobs are built by ``blob_fn(entries, rng=...)`` with a generator derived from ``(seed, k, rank)``
-  only, so prefetching in threads never changes what a batch contains.
+- One solver step consumes ``G = ims_per_batch * world_size * iter_size`` entries of the shared permutation: G / ims
+  micro-batches, numbered ``j = rank * iter_size + m`` within the step (m: the rank's m-th micro-batch, summed
+  into one update by gradient accumulation). A new permutation is drawn when fewer than G entries remain.
+- The micro-batch with global number ``step * world_size * iter_size + j`` is built by
+  ``blob_fn(entries, rng=batch_rng(seed, that number))``, a pure function of it, so prefetching in threads never
+  changes what a batch contains, and N ranks x iter_size I draw exactly the batches of one process with
+  iter_size N x I (the same global batch).
 - ``state_dict()`` holds the permutation, the cursor, the shuffle generator's state and the batch counter as of
   the last batch handed out (prefetched batches are not counted); ``load_state_dict`` resumes from it and the next
   batches are bit-identical.
@@ -30,9 +33,9 @@ BlobFn = Callable[..., dict]
 _STATE_VERSION = 1
 
 
-def batch_rng(seed: int, step: int, rank: int = 0) -> np.random.Generator:
-    """The generator for batch ``step`` on ``rank``: a pure function of its arguments."""
-    return np.random.default_rng([int(seed), 0x5EED, int(step), int(rank)])
+def batch_rng(seed: int, number: int) -> np.random.Generator:
+    """The generator of the micro-batch with global number ``number``: a pure function of its arguments."""
+    return np.random.default_rng([int(seed), 0x5EED, int(number), 0])
 
 
 def aspect_grouped_permutation(widths: np.ndarray, heights: np.ndarray, group: int,
@@ -70,22 +73,24 @@ class RoIDataLoader:
         num_workers: threads building blobs (0: build in the caller's thread on demand).
         prefetch: most batches planned ahead of the consumer (bounded queue).
         rank, world_size: this process's shard for data-parallel training.
+        iter_size: micro-batches per solver step on each rank (Caffe's iter_size, gradient accumulation).
 
     After each ``next()``: ``last_wait_s`` is how long the caller waited for that batch, ``total_wait_s`` the sum,
     ``last_db_inds`` the roidb indices it holds.
     """
 
     def __init__(self, roidb: Sequence[dict], blob_fn: BlobFn, *, ims_per_batch: int, aspect_grouping: bool = True,
-                 seed: int = 3, num_workers: int = 2, prefetch: int = 4, rank: int = 0, world_size: int = 1):
-        if ims_per_batch < 1 or world_size < 1 or not 0 <= rank < world_size:
+                 seed: int = 3, num_workers: int = 2, prefetch: int = 4, rank: int = 0, world_size: int = 1,
+                 iter_size: int = 1):
+        if ims_per_batch < 1 or world_size < 1 or iter_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"RoIDataLoader: bad ims_per_batch={ims_per_batch}, rank={rank}, "
-                             f"world_size={world_size}")
-        if len(roidb) < ims_per_batch * world_size:
+                             f"world_size={world_size}, iter_size={iter_size}")
+        if len(roidb) < ims_per_batch * world_size * iter_size:
             raise ValueError(f"RoIDataLoader: the roidb has {len(roidb)} entries, fewer than "
-                             f"ims_per_batch * world_size = {ims_per_batch * world_size}")
+                             f"ims_per_batch * world_size * iter_size = {ims_per_batch * world_size * iter_size}")
         self.roidb, self.blob_fn = roidb, blob_fn
         self.ims_per_batch, self.aspect_grouping, self.seed = ims_per_batch, aspect_grouping, int(seed)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.iter_size = rank, world_size, iter_size
         self.prefetch = max(1, prefetch)
         if aspect_grouping:
             self._widths, self._heights = self._sizes(roidb)
@@ -121,20 +126,23 @@ class RoIDataLoader:
                 "step": self._step, "epoch": self._epoch}
 
     def _plan(self) -> tuple[np.ndarray, int]:
-        stride = self.ims_per_batch * self.world_size
-        if self._cur + stride > len(self._perm):
+        """Entries and global micro-batch number of this rank's next micro-batch (`_step` counts micro-batches)."""
+        slots = self.world_size * self.iter_size
+        step, m = divmod(self._step, self.iter_size)
+        if m == 0 and self._cur + self.ims_per_batch * slots > len(self._perm):
             self._shuffle()
             self._epoch += 1
-        start = self._cur + self.rank * self.ims_per_batch
+        slot = self.rank * self.iter_size + m
+        start = self._cur + slot * self.ims_per_batch
         inds = self._perm[start:start + self.ims_per_batch]
-        self._cur += stride
-        step = self._step
         self._step += 1
-        return inds, step
+        if m == self.iter_size - 1:
+            self._cur += self.ims_per_batch * slots
+        return inds, step * slots + slot
 
-    def _build(self, inds: np.ndarray, step: int) -> dict:
+    def _build(self, inds: np.ndarray, number: int) -> dict:
         entries = [self.roidb[i] for i in inds]
-        return self.blob_fn(entries, rng=batch_rng(self.seed, step, self.rank))
+        return self.blob_fn(entries, rng=batch_rng(self.seed, number))
 
     def _fill(self) -> None:
         while len(self._pending) < self.prefetch:
@@ -176,7 +184,7 @@ class RoIDataLoader:
         s = self._consumed
         return {"version": _STATE_VERSION, "seed": self.seed, "num_entries": len(self.roidb),
                 "ims_per_batch": self.ims_per_batch, "aspect_grouping": self.aspect_grouping,
-                "world_size": self.world_size, "perm": [int(i) for i in s["perm"]], "cur": int(s["cur"]),
+                "world_size": self.world_size, "iter_size": self.iter_size, "perm": [int(i) for i in s["perm"]], "cur": int(s["cur"]),
                 "rng_state": copy.deepcopy(s["rng"]), "step": int(s["step"]), "epoch": int(s["epoch"])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,9 +192,9 @@ class RoIDataLoader:
         followed when the state was saved. The rank may differ; the sharding and data must not."""
         mine = {"version": _STATE_VERSION, "seed": self.seed, "num_entries": len(self.roidb),
                 "ims_per_batch": self.ims_per_batch, "aspect_grouping": self.aspect_grouping,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "iter_size": self.iter_size}
         for key, value in mine.items():
-            if state.get(key) != value:
+            if state.get(key, 1 if key == "iter_size" else None) != value:
                 raise ValueError(f"loader state: {key} is {state.get(key)!r}, this loader has {value!r}")
         perm = np.asarray(state["perm"], dtype=np.int64)
         if perm.ndim != 1 or perm.size > len(self.roidb) or (perm.size and (perm.min() < 0 or

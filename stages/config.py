@@ -51,7 +51,7 @@ _PIPELINE_DEFAULTS: dict[str, Any] = {
     **{f"STAGE{k}_LR": 0.001 for k in range(1, 5)},
     **{f"STAGE{k}_STEPSIZE": _STAGE_STEPSIZE[k] for k in range(1, 5)},
     **{f"STAGE{k}_SNAPSHOT_ITERS": 0 for k in range(1, 5)},
-    "GAMMA": 0.1, "MOMENTUM": 0.9, "WEIGHT_DECAY": 0.0005,
+    "GAMMA": 0.1, "MOMENTUM": 0.9, "WEIGHT_DECAY": 0.0005, "ITER_SIZE": 1,
     "DEVICE": "auto", "WORKERS": 0, "ISOLATE_STEPS": False, "AMP": "off", "DETERMINISTIC": False,
     "ANCHOR_SCALES": [8, 16, 32], "ANCHOR_RATIOS": [0.5, 1.0, 2.0],
     "MAX_PER_IMAGE": 100, "DET_THRESH": 0.05, "LOG_EVERY": 1,
@@ -81,6 +81,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     **{f"PIPELINE.STAGE{k}_SNAPSHOT_ITERS": (_non_negative, ">= 0") for k in range(1, 5)},
     "TRAIN.SNAPSHOT_ITERS": (_positive, "> 0"),
     "PIPELINE.WORKERS": (_non_negative, ">= 0"),
+    "PIPELINE.ITER_SIZE": (_positive, "> 0"),
     "PIPELINE.LOG_EVERY": (_positive, "> 0"),
     "EXP_DIR": (bool, "non-empty"),
 }

@@ -38,6 +38,10 @@ class NonFiniteLossError(PipelineError, FloatingPointError):
         self.iteration = iteration
 
 
+class SnapshotMismatchError(PipelineError):
+    """A snapshot cannot resume this run (it was written by a different number of torchrun processes)."""
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; raised in the main thread so `finally` blocks release the lock.
 

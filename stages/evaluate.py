@@ -15,7 +15,7 @@ Inference runs in float32 (PIPELINE.AMP applies to training). AP uses the VOC07 
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from roidb.imdb import Imdb
 
 from .artifacts import atomic_write_text
 from .config import Config
+from .distributed import SINGLE, DistContext, shard
 from .errors import ConfigError
 from .model_setup import load_imdb, load_stage_model, pixel_means
 from .progress import ProgressBar
@@ -66,30 +67,42 @@ def detect_image(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.
 
 @torch.no_grad()
 def run_detector(detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], imdb: Imdb, config: Config,
-                 label: str = "eval") -> list[list[np.ndarray]]:
-    """all_boxes[cls][image]: float32 (N, 5) for every image of `imdb` (entry 0, background, empty).
+                 label: str = "eval", indices: Sequence[int] | None = None,
+                 progress: bool | None = None) -> list[list[np.ndarray]]:
+    """all_boxes[cls][n]: float32 (N, 5) for the n-th image of `indices` (default: every image of `imdb`);
+    entry 0, background, empty.
 
     ``detect(im_bgr) -> (scores (R, K), boxes (R, 4K))`` is filtered as py-faster-rcnn's test_net:
     PIPELINE.DET_THRESH, NMS at TEST.NMS, PIPELINE.MAX_PER_IMAGE over all classes.
     """
+    indices = range(imdb.num_images) if indices is None else indices
     all_boxes: list[list[np.ndarray]] = [[] for _ in range(imdb.num_classes)]
-    bar = ProgressBar(imdb.num_images, label)
-    for i in range(imdb.num_images):
+    bar = ProgressBar(len(indices), label, enabled=progress)
+    for n, i in enumerate(indices):
         scores, boxes = detect(read_image(imdb.image_path_at(i)))
         dets = postprocess_detections(scores, boxes, thresh=config.get("PIPELINE.DET_THRESH"),
                                       nms_thresh=config.get("TEST.NMS"),
                                       max_per_image=config.get("PIPELINE.MAX_PER_IMAGE"))
         for j in range(imdb.num_classes):
             all_boxes[j].append(dets[j].astype(np.float32))
-        bar.update(i + 1)
+        bar.update(n + 1)
     bar.close()
     return all_boxes
 
 
-def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval") -> list[list[np.ndarray]]:
-    """all_boxes[cls][image] of `model` (its RPN proposing) over every image of `imdb`."""
+def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval",
+             dist: DistContext = SINGLE) -> list[list[np.ndarray]] | None:
+    """all_boxes[cls][image] of `model` (its RPN proposing) over every image of `imdb`.
+
+    Under torchrun each rank detects on its block of images and rank 0 gets all_boxes in image_index order (the
+    other ranks get None)."""
     model.eval()
-    return run_detector(lambda im: detect_image(model, im, config), imdb, config, label)
+    mine = run_detector(lambda im: detect_image(model, im, config), imdb, config, label,
+                        indices=shard(imdb.num_images, dist), progress=None if dist.is_main else False)
+    parts = dist.gather(mine)
+    if parts is None:
+        return None
+    return [[dets for part in parts for dets in part[j]] for j in range(imdb.num_classes)]
 
 
 def format_ap_table(aps: dict[str, float], mean_ap: float) -> str:
@@ -106,7 +119,9 @@ def evaluate(ctx: StepContext) -> StepResult:
     _check_test_settings(ctx.config)
     imdb = load_imdb(ctx.config, "PIPELINE.TEST_IMDB")
     model = load_stage_model(ctx.config, ctx.input_file("stage4", "model.pt"), imdb.classes, ctx.device)
-    all_boxes = test_net(model, imdb, ctx.config, label=ctx.step.id)
+    all_boxes = test_net(model, imdb, ctx.config, label=ctx.step.id, dist=ctx.dist)
+    if all_boxes is None:
+        return StepResult(outputs=[])
     write_pickle(ctx.step_dir / "detections.pkl", all_boxes)
     imdb.competition_mode(True)
     results = imdb.evaluate_detections(all_boxes, ctx.step_dir / "results")

@@ -27,6 +27,7 @@ from roidb.imdb import Imdb
 
 from .artifacts import atomic_write_bytes
 from .config import Config
+from .distributed import gather_in_order, shard
 from .model_setup import load_imdb, load_stage_model, pixel_means
 from .progress import ProgressBar
 from .runner import StepContext, StepResult
@@ -63,17 +64,19 @@ def image_proposals(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[
     return boxes.astype(np.float32), scores.float().cpu().numpy().astype(np.float32)
 
 
-def imdb_proposals(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "proposals"
+def imdb_proposals(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "proposals",
+                   indices: Sequence[int] | None = None, progress: bool | None = None
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Proposals and scores for every image of `imdb` (unflipped), in image_index order."""
+    """Proposals and scores for the images `indices` (default: every image) of `imdb`, unflipped, in that order."""
     model.eval()
-    bar = ProgressBar(imdb.num_images, label)
+    indices = range(imdb.num_images) if indices is None else indices
+    bar = ProgressBar(len(indices), label, enabled=progress)
     boxes, scores = [], []
-    for i in range(imdb.num_images):
+    for n, i in enumerate(indices):
         b, s = image_proposals(model, read_image(imdb.image_path_at(i)), config)
         boxes.append(b)
         scores.append(s)
-        bar.update(i + 1)
+        bar.update(n + 1)
     bar.close()
     return boxes, scores
 
@@ -91,9 +94,20 @@ def proposal_recall(boxes: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray],
     return covered / total if total else 0.0
 
 
+def _builtin_dtypes(obj):
+    """`obj` (nested lists of arrays) with every array viewed on NumPy's builtin dtype object. An array that was
+    unpickled (gathered from another rank) holds a private copy of its dtype, which pickle writes out again where
+    it would memoise the shared one: the same values would give other bytes than in one process."""
+    if isinstance(obj, np.ndarray):
+        return obj.view(np.dtype(obj.dtype.str)) if obj.dtype.fields is None else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_builtin_dtypes(x) for x in obj)
+    return obj
+
+
 def write_pickle(path, obj) -> None:
-    """Pickle `obj` (protocol 2) to `path` atomically."""
-    atomic_write_bytes(path, pickle.dumps(obj, protocol=PICKLE_PROTOCOL))
+    """Pickle `obj` (protocol 2) to `path` atomically; the bytes depend only on the values (see _builtin_dtypes)."""
+    atomic_write_bytes(path, pickle.dumps(_builtin_dtypes(obj), protocol=PICKLE_PROTOCOL))
 
 
 def _recall_metrics(boxes: list[np.ndarray], imdb: Imdb) -> dict[str, float]:
@@ -108,9 +122,16 @@ def _recall_metrics(boxes: list[np.ndarray], imdb: Imdb) -> dict[str, float]:
 
 
 def _dump(ctx: StepContext, model_step: str) -> StepResult:
+    """Under torchrun each rank proposes for its block of images; rank 0 gathers them in image_index order and
+    writes the pickles (the same bytes as one process's)."""
     imdb = load_imdb(ctx.config, "PIPELINE.TRAIN_IMDB")
     model = load_stage_model(ctx.config, ctx.input_file(model_step, "model.pt"), imdb.classes, ctx.device)
-    boxes, scores = imdb_proposals(model, imdb, ctx.config, label=ctx.step.id)
+    mine = imdb_proposals(model, imdb, ctx.config, label=ctx.step.id, indices=shard(imdb.num_images, ctx.dist),
+                          progress=None if ctx.dist.is_main else False)
+    pairs = gather_in_order(list(zip(*mine)), ctx.dist)
+    if pairs is None:
+        return StepResult(outputs=["proposals.pkl", "scores.pkl"])
+    boxes, scores = [b for b, _ in pairs], [s for _, s in pairs]
     write_pickle(ctx.step_dir / "proposals.pkl", boxes)
     write_pickle(ctx.step_dir / "scores.pkl", scores)
     metrics = _recall_metrics(boxes, imdb)

@@ -6,6 +6,7 @@ StepResult` (or a dict with "outputs" and "metrics"), writing its files under `c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -27,6 +28,7 @@ import torch
 from .artifacts import (hash_outputs, outputs_digest, read_manifest, sha256_file, stale_reason,
                         atomic_write_json, update_manifest, write_manifest)
 from .config import Config, SolverSettings, dump_config, experiment_dir, resolve_path, solver_settings
+from .distributed import SINGLE, DistContext, resolve_device
 from .errors import Interrupted, MissingStepBodyError, PipelineError, StepFailedError
 from .graph import M0, STEP_ORDER, Selection, Step, downstream_steps, fingerprint_parts, get_step, hash_parts
 from .graph import select_steps
@@ -62,6 +64,7 @@ class StepContext:
     inputs: dict[str, StepInput]
     weights: Path | None
     echo: Callable[[str], None] = print
+    dist: DistContext = SINGLE
 
     def log(self, message: str) -> None:
         self.echo(f"[{self.step.id}] {message}")
@@ -77,15 +80,16 @@ class StepContext:
         update_manifest(self.step_dir, progress={"iteration": iteration, "total": total})
 
     def train(self, model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, **kwargs: Any) -> TrainResult:
-        """`train_loop` with this training step's solver (PIPELINE.STAGEk_*), PIPELINE.AMP and LOG_EVERY, writing
-        into the step folder and recording progress in the manifest; kwargs go to `train_loop`
-        (param_groups, numpy_rngs, checkpoint_fn, progress)."""
+        """`train_loop` with this training step's solver (PIPELINE.STAGEk_*), PIPELINE.AMP, ITER_SIZE and LOG_EVERY,
+        under torchrun's DDP when launched so, writing into the step folder and recording progress in the
+        manifest; kwargs go to `train_loop` (param_groups, numpy_rngs, checkpoint_fn, progress)."""
         s = self.solver
         settings: dict[str, Any] = dict(
             iters=s.iters, lr=s.lr, stepsize=s.stepsize, gamma=s.gamma, momentum=s.momentum,
             weight_decay=s.weight_decay, snapshot_iters=s.snapshot_iters, out_dir=self.step_dir,
-            amp=self.config.get("PIPELINE.AMP"), log_every=self.config.get("PIPELINE.LOG_EVERY"),
-            progress_callback=self.report_progress, label=self.step.id, echo=self.log)
+            amp=self.config.get("PIPELINE.AMP"), iter_size=self.config.get("PIPELINE.ITER_SIZE"), dist=self.dist,
+            log_every=self.config.get("PIPELINE.LOG_EVERY"), progress_callback=self.report_progress,
+            label=self.step.id, echo=self.log)
         settings.update(kwargs)
         return train_loop(model, loss_fn, loader, **settings)
 
@@ -95,13 +99,9 @@ class StepContext:
 
     @property
     def device(self) -> torch.device:
-        """PIPELINE.DEVICE with 'auto' resolved: CUDA when available, else the CPU."""
-        wanted = self.config.get("PIPELINE.DEVICE")
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise StepFailedError("PIPELINE.DEVICE is cuda but no CUDA device is available")
-        if wanted == "auto":
-            wanted = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.device(wanted)
+        """PIPELINE.DEVICE with 'auto' resolved (CUDA when available, else the CPU); under torchrun this rank's
+        GPU (LOCAL_RANK)."""
+        return resolve_device(self.config.get("PIPELINE.DEVICE"), self.dist.local_rank)
 
 
 StepBody = Callable[[StepContext], Any]
@@ -188,11 +188,15 @@ class Runner:
     """The orchestrator for one experiment folder (output/<EXP_DIR>)."""
 
     def __init__(self, config: Config, registry: StepRegistry = REGISTRY, echo: Callable[[str], None] = print,
-                 isolate: bool | None = None, debug: bool = False):
+                 isolate: bool | None = None, debug: bool = False, dist: DistContext = SINGLE):
         self.config = config
         self.registry = registry
-        self.echo = echo
+        self.dist = dist
+        self.echo = echo if dist.is_main else _silent
         self.isolate = config.get("PIPELINE.ISOLATE_STEPS") if isolate is None else isolate
+        if self.isolate and dist.enabled:
+            self.echo("PIPELINE.ISOLATE_STEPS is ignored under torchrun: each rank already is its own process")
+            self.isolate = False
         self.debug = debug
         self.exp_dir = experiment_dir(config)
         self._weights_digest: str | None = None
@@ -249,13 +253,33 @@ class Runner:
 
     def run(self, until: str | None = None, from_: str | None = None, only: str | None = None,
             force: str | None = None) -> list[StepReport]:
-        """Take the lock, save config.yml, and walk the selected steps; returns one report per step."""
-        with RunLock(self.exp_dir, echo=self.echo), interrupt_guard():
-            selection = self.plan(until, from_, only, force)
-            pending = [s for s in selection.steps if s in selection.forced or self.not_done_reason(s) is not None]
+        """Take the lock, save config.yml, and walk the selected steps; returns one report per step.
+
+        Under torchrun rank 0 holds the lock, decides and records; every rank runs the bodies."""
+        lock = RunLock(self.exp_dir, echo=self.echo) if self.dist.is_main else contextlib.nullcontext()
+        with lock, interrupt_guard():
+            selection = self._on_main(lambda: self.plan(until, from_, only, force))
+            pending = [s for s in selection.steps if s in selection.forced or self._on_main(
+                lambda: self.not_done_reason(s)) is not None]
             self._require_bodies(pending)
-            dump_config(self.config, self.exp_dir / "config.yml")
+            if self.dist.is_main:
+                dump_config(self.config, self.exp_dir / "config.yml")
             return [self._run_or_skip(s, s in selection.forced) for s in selection.steps]
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """fn() computed by rank 0 and shared with every rank; its bad-input error is raised on every rank."""
+        if not self.dist.enabled:
+            return fn()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.dist.is_main:
+            try:
+                outcome = ("ok", fn())
+            except (PipelineError, ValueError, KeyError, OSError) as err:
+                outcome = ("error", err)
+        kind, value = self.dist.broadcast(outcome)
+        if kind == "error":
+            raise value
+        return value
 
     def _require_bodies(self, step_ids: list[str]) -> None:
         missing = self.registry.missing(step_ids)
@@ -266,36 +290,48 @@ class Runner:
                                        f"(see stages.register_step)")
 
     def _run_or_skip(self, step_id: str, forced: bool) -> StepReport:
-        parts = self.current_parts(step_id)
-        fingerprint = hash_parts(parts)
-        reason = "forced" if forced else stale_reason(self.step_dir(step_id), fingerprint, parts)
+        main = self.dist.is_main
+
+        def decide() -> tuple[dict[str, Any], str, str | None]:
+            parts = self.current_parts(step_id)
+            fingerprint = hash_parts(parts)
+            return parts, fingerprint, "forced" if forced else stale_reason(self.step_dir(step_id), fingerprint, parts)
+
+        parts, fingerprint, reason = self._on_main(decide)
         if reason is None:
-            manifest = read_manifest(self.step_dir(step_id)) or {}
+            manifest = (read_manifest(self.step_dir(step_id)) if main else None) or {}
             self.echo(f"{step_id}: done, skipped")
             return StepReport(step_id, "skipped", "done", metrics=manifest.get("metrics") or {})
         self._require_bodies([step_id])
         self.echo(f"{step_id}: running ({reason})")
-        progress = self._prepare_dir(step_id, fingerprint, forced)
         started = time.time()
-        write_manifest(self.step_dir(step_id), {
-            "step": step_id, "status": "running", "fingerprint": fingerprint, "fingerprint_parts": parts,
-            "inputs": parts["inputs"], "outputs": {}, "metrics": {}, "progress": progress,
-            "timings": {"started": _iso(started)}})
+        if main:
+            progress = self._prepare_dir(step_id, fingerprint, forced)
+            write_manifest(self.step_dir(step_id), {
+                "step": step_id, "status": "running", "fingerprint": fingerprint, "fingerprint_parts": parts,
+                "inputs": parts["inputs"], "outputs": {}, "metrics": {}, "progress": progress,
+                "timings": {"started": _iso(started)}, "world_size": self.dist.world_size})
+        self.dist.barrier()
         try:
             result = self._call_body(step_id)
+            self.dist.barrier()
         except Interrupted as err:
-            self._restore_previous(step_id)
+            if main:
+                self._restore_previous(step_id)
             message = str(err) if str(err).startswith(step_id) else f"{step_id}: {err}"
             raise Interrupted(err.signum, message) from None
         except BaseException:
-            self._restore_previous(step_id)
+            if main:
+                self._restore_previous(step_id)
             raise
         seconds = time.time() - started
-        outputs = hash_outputs(self.step_dir(step_id), result.outputs)
-        update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
-                        timings={"started": _iso(started), "finished": _iso(time.time()),
-                                 "seconds": round(seconds, 3)})
-        shutil.rmtree(self._previous_dir(step_id), ignore_errors=True)
+        if main:
+            outputs = hash_outputs(self.step_dir(step_id), result.outputs)
+            update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
+                            timings={"started": _iso(started), "finished": _iso(time.time()),
+                                     "seconds": round(seconds, 3)})
+            shutil.rmtree(self._previous_dir(step_id), ignore_errors=True)
+        self.dist.barrier()
         self.echo(f"{step_id}: done in {seconds:.1f}s")
         return StepReport(step_id, "ran", reason, seconds, result.metrics)
 
@@ -343,7 +379,7 @@ class Runner:
             inputs[name] = StepInput(name, folder, {rel: folder / rel for rel in recorded})
         weights = self.weights_path() if M0 in step.inputs else None
         return StepContext(step, self.config, self.exp_dir, self.step_dir(step_id), inputs, weights,
-                           echo or self.echo)
+                           echo or self.echo, self.dist)
 
     def _call_body(self, step_id: str) -> StepResult:
         entry = self.registry.get(step_id)
@@ -402,6 +438,10 @@ class Runner:
                 shutil.rmtree(folder)
             shutil.rmtree(self._previous_dir(step_id), ignore_errors=True)
         return downstream_steps(step_id)
+
+
+def _silent(message: str) -> None:
+    """The echo of torchrun ranks other than 0 (rank 0 speaks for the run)."""
 
 
 def _format_seconds(seconds: float) -> str:

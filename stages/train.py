@@ -4,9 +4,15 @@ A snapshot (`snapshots/iter_XXXXXXXX.pt`, loadable with `torch.load(weights_only
 optimiser, the scheduler, every RNG state (torch, CUDA, Python `random`, NumPy's global state and the NumPy
 generators passed in) and the loader's state_dict, so that on the CPU a run resumed from it ends with weights
 bit-identical to an uninterrupted run. When the loop finishes it writes `model.pt` and deletes the snapshots.
+
+Under torchrun (`dist` enabled) the loss runs through DistributedDataParallel, every rank trains on its own
+loader shard, the logged losses are the means over the ranks, and rank 0 alone writes the log, the snapshots
+(which then hold every rank's RNG and loader state, and the world size: a resume needs the same world size) and
+`model.pt`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +29,8 @@ import numpy as np
 import torch
 
 from .artifacts import FAULT_ENV, atomic_path, atomic_write_text, parse_fault
-from .errors import Interrupted, NonFiniteLossError
+from .distributed import SINGLE, DistContext, wrap_loss
+from .errors import Interrupted, NonFiniteLossError, SnapshotMismatchError
 from .lock import defer_interrupts
 from .progress import ProgressBar
 
@@ -233,21 +240,39 @@ class _Run:
     scaler: torch.amp.GradScaler
     autocast_dtype: torch.dtype | None
     device_type: str
+    dist: DistContext = SINGLE
+    iter_size: int = 1
 
-    def state(self, iteration: int) -> dict[str, Any]:
-        return {"iteration": iteration, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": capture_rng(self.numpy_rngs),
-                "loader": _encode(self.loader.state_dict())}
+    def rank_state(self) -> dict[str, Any]:
+        return {"rng": capture_rng(self.numpy_rngs), "loader": _encode(self.loader.state_dict())}
 
-    def restore(self, state: Mapping[str, Any]) -> None:
+    def state(self, iteration: int) -> dict[str, Any] | None:
+        """The snapshot dict on rank 0 (a collective: every rank must call it), None on the other ranks."""
+        mine = self.rank_state()
+        ranks = self.dist.gather(mine)
+        if ranks is None:
+            return None
+        state = {"iteration": iteration, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), **mine, "world_size": self.dist.world_size}
+        if self.dist.enabled:
+            state["ranks"] = ranks
+        return state
+
+    def restore(self, state: Mapping[str, Any], name: str) -> None:
+        written_by = int(state.get("world_size", 1))
+        if written_by != self.dist.world_size:
+            raise SnapshotMismatchError(
+                f"snapshot {name} was written by {written_by} process(es) and this run has "
+                f"{self.dist.world_size}: resume with the same torchrun --nproc_per_node x --nnodes, or clean the step")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(_decode(state["loader"]))
-        restore_rng(state["rng"], self.numpy_rngs)
+        mine = state["ranks"][self.dist.rank] if self.dist.enabled else state
+        self.loader.load_state_dict(_decode(mine["loader"]))
+        restore_rng(mine["rng"], self.numpy_rngs)
 
 
 def save_torch(obj: Any, path: Path) -> None:
@@ -257,11 +282,14 @@ def save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
-def _save_snapshot(run: _Run, out_dir: Path, iteration: int) -> Path:
+def _save_snapshot(run: _Run, out_dir: Path, iteration: int) -> Path | None:
     path = snapshot_path(out_dir, iteration)
+    state = run.state(iteration)
+    if state is None:
+        return None
     with defer_interrupts():
         with atomic_path(path) as tmp:
-            save_torch(run.state(iteration), tmp)
+            save_torch(state, tmp)
     for _, old in list_snapshots(out_dir)[KEEP_SNAPSHOTS:]:
         old.unlink()
     return path
@@ -279,7 +307,7 @@ def _save_final(model: torch.nn.Module, out_dir: Path, iterations: int,
     return path
 
 
-def _finished_earlier(model: torch.nn.Module, out_dir: Path, iters: int) -> bool:
+def _finished_earlier(model: torch.nn.Module, out_dir: Path, iters: int, is_main: bool = True) -> bool:
     """model.pt of this step's folder already holds the full run (a crash hit between it and the manifest)."""
     path = out_dir / FINAL_MODEL
     if not path.is_file():
@@ -292,7 +320,8 @@ def _finished_earlier(model: torch.nn.Module, out_dir: Path, iters: int) -> bool
     if not isinstance(weights, dict) or payload.get("iteration") != iters:
         return False
     model.load_state_dict(weights)
-    shutil.rmtree(out_dir / SNAPSHOT_DIR, ignore_errors=True)
+    if is_main:
+        shutil.rmtree(out_dir / SNAPSHOT_DIR, ignore_errors=True)
     return True
 
 
@@ -301,13 +330,15 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, *, 
                out_dir: str | Path, param_groups: Iterable[Any] | None = None,
                numpy_rngs: Mapping[str, np.random.Generator] | None = None,
                checkpoint_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
-               amp: str = "off", log_every: int = 1, progress: bool | None = None,
-               progress_callback: Callable[[int, int], None] | None = None, label: str = "train",
-               echo: Callable[[str], None] = print) -> TrainResult:
+               amp: str = "off", iter_size: int = 1, dist: DistContext = SINGLE, log_every: int = 1,
+               progress: bool | None = None, progress_callback: Callable[[int, int], None] | None = None,
+               label: str = "train", echo: Callable[[str], None] = print) -> TrainResult:
     """Train `model` for `iters` iterations (resuming from out_dir/snapshots when a valid snapshot exists).
 
-    Each iteration: batch = next(loader); losses = loss_fn(model, batch) (a dict of scalar tensors, summed for
-    backward); one SGD step (momentum, weight decay, lr = step_lr(lr, gamma, stepsize, k-1) for iteration k).
+    Each iteration: `iter_size` micro-batches (Caffe's iter_size), each batch = next(loader) and losses =
+    loss_fn(model, batch) (a dict of scalar tensors, summed, divided by iter_size, backward: the gradients
+    accumulate); then one SGD step (momentum, weight decay, lr = step_lr(lr, gamma, stepsize, k-1) for
+    iteration k). Under torchrun (`dist`) DDP averages the gradients over the ranks as well.
     A snapshot is written after iteration k when k % snapshot_iters == 0 (0: never) and k < iters; the final
     weights go to out_dir/model.pt as checkpoint_fn(model) (default {"model": state_dict}; the weights under
     "model" or "state_dict") plus "iteration".
@@ -315,13 +346,16 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, *, 
     loss_fn under torch.autocast, with a GradScaler (kept in the snapshots) for fp16; an fp16 step the scaler
     skips still counts as an iteration. The caller seeds the RNGs and builds `model` identically on every
     call: a resumed call then overwrites it from the snapshot.
-    Raises NonFiniteLossError at the first NaN/inf loss (no update is applied; snapshots are kept).
+    Raises NonFiniteLossError at the first NaN/inf loss (of any rank; no update is applied; snapshots are kept),
+    SnapshotMismatchError when the newest snapshot was written by another world size.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if iters <= 0 or stepsize <= 0:
-        raise ValueError(f"{label}: iters and stepsize must be > 0, got {iters} and {stepsize}")
-    if _finished_earlier(model, out_dir, iters):
+    if iters <= 0 or stepsize <= 0 or iter_size <= 0:
+        raise ValueError(f"{label}: iters, stepsize and iter_size must be > 0, got {iters}, {stepsize}, {iter_size}")
+    if not dist.is_main:
+        echo = _silent
+    if _finished_earlier(model, out_dir, iters, dist.is_main):
         echo(f"{label}: {FINAL_MODEL} already holds all {iters} iterations")
         return TrainResult(out_dir / FINAL_MODEL, iters, iters)
     optimizer = make_optimizer(param_groups if param_groups is not None else model.parameters(),
@@ -331,18 +365,77 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, *, 
         raise ValueError(f"{label}: amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
-    run = _Run(model, optimizer, scheduler, loader, numpy_rngs, scaler, AMP_DTYPES[amp], device_type)
+    run = _Run(model, optimizer, scheduler, loader, numpy_rngs, scaler, AMP_DTYPES[amp], device_type, dist,
+               iter_size)
     start = 0
-    snapshot = newest_valid_snapshot(out_dir, iters, echo)
+    snapshot = _agreed_snapshot(out_dir, iters, dist, echo)
     if snapshot is not None:
-        run.restore(snapshot)
+        run.restore(snapshot, snapshot_path(out_dir, snapshot["iteration"]).name)
         start = snapshot["iteration"]
         echo(f"{label}: resuming from snapshot iteration {start}/{iters}")
-    _truncate_log(out_dir / LOG_NAME, start)
-    if progress_callback:
+    if dist.is_main:
+        _truncate_log(out_dir / LOG_NAME, start)
+    if progress_callback and dist.is_main:
         progress_callback(start, iters)
-    return _iterate(run, loss_fn, start, iters, snapshot_iters, out_dir, checkpoint_fn, log_every, progress,
-                    progress_callback, label)
+    return _iterate(run, loss_fn, start, iters, snapshot_iters, out_dir, checkpoint_fn, log_every,
+                    progress if dist.is_main else False, progress_callback if dist.is_main else None, label)
+
+
+def _silent(message: str) -> None:
+    """The echo of ranks other than 0: they would repeat rank 0's messages."""
+
+
+def _agreed_snapshot(out_dir: Path, iters: int, dist: DistContext,
+                     echo: Callable[[str], None]) -> dict[str, Any] | None:
+    """The newest valid snapshot, chosen by rank 0 and loaded by every rank from the shared output folder."""
+    snapshot = newest_valid_snapshot(out_dir, iters, echo) if dist.is_main else None
+    iteration = dist.broadcast(None if snapshot is None else snapshot["iteration"])
+    if iteration is None or dist.is_main:
+        return snapshot
+    return load_snapshot(snapshot_path(out_dir, iteration), iteration)
+
+
+class _Accumulator:
+    """The micro-batch losses of one iteration: their mean per key (and of the total) over micro-batches and
+    ranks, as Python floats (float64 sums of the float32 values)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.sums: list[float] = []
+        self.count = 0
+
+    def add(self, losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
+        values = [float(v.detach()) for v in losses.values()] + [float(total.detach())]
+        if not self.keys:
+            self.keys, self.sums = list(losses) + [""], [0.0] * len(values)
+        self.sums = [s + v for s, v in zip(self.sums, values)]
+        self.count += 1
+
+    def means(self, dist: DistContext) -> tuple[dict[str, float], float]:
+        mean = torch.tensor(self.sums, dtype=torch.float64) / self.count
+        mean = dist.all_mean(mean).tolist()
+        return dict(zip(self.keys[:-1], mean[:-1])), mean[-1]
+
+
+def _micro_batches(run: _Run, module: torch.nn.Module, loss_fn_label: str, iteration: int
+                   ) -> tuple[_Accumulator, float]:
+    """Forward and backward over the iteration's `iter_size` micro-batches; DDP syncs on the last one only."""
+    acc, data_time = _Accumulator(), 0.0
+    for m in range(run.iter_size):
+        t0 = time.perf_counter()
+        batch = next(run.loader)
+        data_time += time.perf_counter() - t0
+        last = m == run.iter_size - 1
+        sync = contextlib.nullcontext() if last or not run.dist.enabled else module.no_sync()
+        with sync:
+            with torch.autocast(run.device_type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+                losses = module(batch)
+            if FAULT_ENV in os.environ and _injected_nan(loss_fn_label, iteration):
+                losses = {k: v * float("nan") for k, v in losses.items()}
+            total = _total_loss(losses, loss_fn_label)
+            acc.add(losses, total)
+            run.scaler.scale(total / run.iter_size if run.iter_size > 1 else total).backward()
+    return acc, data_time
 
 
 def _iterate(run: _Run, loss_fn: LossFn, start: int, iters: int, snapshot_iters: int, out_dir: Path,
@@ -350,40 +443,36 @@ def _iterate(run: _Run, loss_fn: LossFn, start: int, iters: int, snapshot_iters:
              progress: bool | None, progress_callback: Callable[[int, int], None] | None,
              label: str) -> TrainResult:
     bar = ProgressBar(iters, label, start=start, enabled=progress)
+    module = wrap_loss(run.model, loss_fn, run.dist)
     t_begin, data_total, last = time.perf_counter(), 0.0, {}
     recent: list[float] = []
     iteration = start
+    main = run.dist.is_main
     try:
-        with open(out_dir / LOG_NAME, "a", encoding="utf-8") as log, warnings.catch_warnings():
+        with (open(out_dir / LOG_NAME, "a", encoding="utf-8") if main else contextlib.nullcontext()) as log, \
+                warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             for iteration in range(start + 1, iters + 1):
                 t0 = time.perf_counter()
-                batch = next(run.loader)
-                data_time = time.perf_counter() - t0
+                run.optimizer.zero_grad(set_to_none=True)
+                acc, data_time = _micro_batches(run, module, label, iteration)
                 data_total += data_time
-                with torch.autocast(run.device_type, dtype=run.autocast_dtype,
-                                    enabled=run.autocast_dtype is not None):
-                    losses = loss_fn(run.model, batch)
-                if FAULT_ENV in os.environ and _injected_nan(label, iteration):
-                    losses = {k: v * float("nan") for k, v in losses.items()}
-                total = _total_loss(losses, label)
-                last = {k: float(v.detach()) for k, v in losses.items()}
+                last, total = acc.means(run.dist)
                 lr_now = run.optimizer.param_groups[0]["lr"]
-                record = {"iter": iteration, "loss": float(total.detach()), "losses": last, "lr": lr_now,
+                record = {"iter": iteration, "loss": total, "losses": last, "lr": lr_now,
                           "data_time": round(data_time, 6)}
                 bad = _nonfinite(last, record["loss"])
                 if bad:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    if main:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
                     raise NonFiniteLossError(_nan_message(label, iteration, bad, out_dir), iteration)
-                run.optimizer.zero_grad(set_to_none=True)
-                run.scaler.scale(total).backward()
                 run.scaler.step(run.optimizer)
                 run.scaler.update()
                 run.scheduler.step()
                 record["time"] = round(time.perf_counter() - t0, 6)
                 recent = (recent + [record["loss"]])[-20:]
-                if iteration % log_every == 0 or iteration == iters:
+                if main and (iteration % log_every == 0 or iteration == iters):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if snapshot_iters and iteration % snapshot_iters == 0 and iteration < iters:
@@ -395,7 +484,7 @@ def _iterate(run: _Run, loss_fn: LossFn, start: int, iters: int, snapshot_iters:
         bar.close()
         raise Interrupted(err.signum, _interrupt_message(label, err.signame, iteration, iters, out_dir)) from None
     bar.close()
-    path = _save_final(run.model, out_dir, iters, checkpoint_fn)
+    path = _save_final(run.model, out_dir, iters, checkpoint_fn) if main else out_dir / FINAL_MODEL
     return TrainResult(path, iters, start, last, time.perf_counter() - t_begin, data_total)
 
 

@@ -87,8 +87,10 @@ def _rpn_blobs(entries: list[dict], *, rng: np.random.Generator, **minibatch_arg
     return blobs
 
 
-def make_loader(config: Config, roidb: list[dict], num_classes: int, has_rpn: bool) -> RoIDataLoader:
-    """RoIDataLoader over `roidb`: RPN batches (1 image) or Fast R-CNN batches (2 images, TRAIN.BATCH_SIZE RoIs)."""
+def make_loader(config: Config, roidb: list[dict], num_classes: int, has_rpn: bool, rank: int = 0,
+                world_size: int = 1) -> RoIDataLoader:
+    """RoIDataLoader over `roidb`: RPN batches (1 image) or Fast R-CNN batches (2 images, TRAIN.BATCH_SIZE RoIs),
+    PIPELINE.ITER_SIZE of them per solver step; under torchrun rank `rank`'s shard of each global batch."""
     t = config.TRAIN
     common = {"num_classes": num_classes, "scales": list(t.SCALES), "max_size": t.MAX_SIZE,
               "pixel_means": pixel_means(config)}
@@ -102,7 +104,8 @@ def make_loader(config: Config, roidb: list[dict], num_classes: int, has_rpn: bo
     ims = RPN_IMS_PER_BATCH if has_rpn else FRCN_IMS_PER_BATCH
     workers = int(config.get("PIPELINE.WORKERS"))
     return RoIDataLoader(roidb, blob_fn, ims_per_batch=ims, aspect_grouping=t.ASPECT_GROUPING,
-                         seed=int(config.get("RNG_SEED")), num_workers=workers, prefetch=max(2, 2 * workers))
+                         seed=int(config.get("RNG_SEED")), num_workers=workers, prefetch=max(2, 2 * workers),
+                         rank=rank, world_size=world_size, iter_size=int(config.get("PIPELINE.ITER_SIZE")))
 
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], dict]
@@ -146,13 +149,16 @@ def _train(ctx: StepContext, model: FasterRCNN, loss_fn: LossFn, loader: RoIData
     set_trainable(model, ctx.step.id)
     groups = _caffe_multipliers(param_groups(model, solver.lr, solver.weight_decay))
     ctx.log(f"{len(loader.roidb)} roidb entries, {solver.iters} iterations, lr {solver.lr:g} "
-            f"(x{solver.gamma:g} every {solver.stepsize}), snapshot every {solver.snapshot_iters}")
+            f"(x{solver.gamma:g} every {solver.stepsize}), snapshot every {solver.snapshot_iters}, "
+            f"{loader.ims_per_batch * loader.iter_size * loader.world_size} images per iteration "
+            f"({loader.world_size} process(es) x ITER_SIZE {loader.iter_size} x {loader.ims_per_batch})")
     try:
         result = ctx.train(model, loss_fn, loader, param_groups=groups,
                            checkpoint_fn=lambda m: checkpoint_dict(m, classes, stage=ctx.step.id, **extra))
     finally:
         loader.close()
-    return StepResult(outputs=["model.pt"], metrics=_train_metrics(ctx.step_dir, result.seconds))
+    metrics = _train_metrics(ctx.step_dir, result.seconds) if ctx.dist.is_main else {}
+    return StepResult(outputs=["model.pt"], metrics=metrics)
 
 
 def _train_metrics(step_dir: Path, seconds: float) -> dict[str, float]:
@@ -175,11 +181,16 @@ def _training_imdb(ctx: StepContext) -> Imdb:
     return imdb
 
 
+def _loader(ctx: StepContext, roidb: list[dict], num_classes: int, has_rpn: bool) -> RoIDataLoader:
+    """This rank's loader (rank 0 of 1 without torchrun)."""
+    return make_loader(ctx.config, roidb, num_classes, has_rpn, rank=ctx.dist.rank, world_size=ctx.dist.world_size)
+
+
 def stage1(ctx: StepContext) -> StepResult:
     """Train the RPN (M1) from M0 on the flipped gt roidb."""
     imdb = _training_imdb(ctx)
     model = build_model(ctx.config, imdb.num_classes, ctx.weights, echo=ctx.log).to(ctx.device)
-    loader = make_loader(ctx.config, rpn_roidb_for_training(ctx.config, imdb), imdb.num_classes, has_rpn=True)
+    loader = _loader(ctx, rpn_roidb_for_training(ctx.config, imdb), imdb.num_classes, has_rpn=True)
     return _train(ctx, model, rpn_loss_fn(ctx.config), loader, imdb.classes)
 
 
@@ -189,7 +200,7 @@ def stage2(ctx: StepContext) -> StepResult:
     roidb, means, stds = frcn_roidb_for_training(ctx.config, imdb, ctx.input_file("p1", "proposals.pkl"))
     model = build_model(ctx.config, imdb.num_classes, ctx.weights, echo=ctx.log)
     model.set_bbox_normalization(means, stds)
-    loader = make_loader(ctx.config, roidb, imdb.num_classes, has_rpn=False)
+    loader = _loader(ctx, roidb, imdb.num_classes, has_rpn=False)
     return _train(ctx, model.to(ctx.device), frcn_loss_fn(), loader, imdb.classes)
 
 
@@ -198,7 +209,7 @@ def stage3(ctx: StepContext) -> StepResult:
     imdb = _training_imdb(ctx)
     model = load_stage_model(ctx.config, ctx.input_file("stage2", "model.pt"), imdb.classes, torch.device("cpu"))
     reinit_rpn_head(model, torch_generator(ctx.config))
-    loader = make_loader(ctx.config, rpn_roidb_for_training(ctx.config, imdb), imdb.num_classes, has_rpn=True)
+    loader = _loader(ctx, rpn_roidb_for_training(ctx.config, imdb), imdb.num_classes, has_rpn=True)
     return _train(ctx, model.to(ctx.device), rpn_loss_fn(ctx.config), loader, imdb.classes)
 
 
@@ -212,5 +223,5 @@ def stage4(ctx: StepContext) -> StepResult:
     model = load_stage_model(ctx.config, ctx.input_file("stage3", "model.pt"), imdb.classes, torch.device("cpu"))
     reinit_predictors(model, torch_generator(ctx.config))
     model.set_bbox_normalization(means, stds)
-    loader = make_loader(ctx.config, roidb, imdb.num_classes, has_rpn=False)
+    loader = _loader(ctx, roidb, imdb.num_classes, has_rpn=False)
     return _train(ctx, model.to(ctx.device), frcn_loss_fn(), loader, imdb.classes)

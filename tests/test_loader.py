@@ -153,6 +153,44 @@ def test_shards_are_disjoint_and_cover_each_epoch():
             ld.close()
 
 
+@pytest.mark.parametrize("world_size,iter_size", [(2, 1), (2, 2), (3, 1)])
+def test_ranks_times_iter_size_draw_the_global_batch_of_one_process(world_size, iter_size):
+    """N ranks with iter_size I see, step for step, the micro-batches (entries and rng) of one process with
+    iter_size N x I: rank r's m-th micro-batch is the single process's (r * I + m)-th, across reshuffles too."""
+    roidb = id_roidb(17)                      # 17 is no multiple of any global batch: every epoch has leftovers
+    slots = world_size * iter_size
+    single = RoIDataLoader(roidb, indices_fn, ims_per_batch=2, seed=9, num_workers=1, iter_size=slots)
+    ranks = [RoIDataLoader(roidb, indices_fn, ims_per_batch=2, seed=9, num_workers=0, rank=r,
+                           world_size=world_size, iter_size=iter_size) for r in range(world_size)]
+    try:
+        for _ in range(12):                   # several epochs
+            expected = [next(single) for _ in range(slots)]
+            got = [[next(ld) for _ in range(iter_size)] for ld in ranks]
+            flat = [batch for per_rank in got for batch in per_rank]
+            assert [b["ids"] for b in flat] == [b["ids"] for b in expected]
+            assert [b["draw"] for b in flat] == [b["draw"] for b in expected]
+            assert len({i for b in flat for i in b["ids"]}) == 2 * slots
+        assert single.epoch == ranks[0].epoch > 1
+    finally:
+        for ld in ranks + [single]:
+            ld.close()
+
+
+def test_iter_size_state_resumes_mid_step_and_is_checked():
+    roidb = id_roidb(11)
+    with RoIDataLoader(roidb, indices_fn, ims_per_batch=1, seed=2, num_workers=0, iter_size=3) as a:
+        for _ in range(4):
+            next(a)
+        state = a.state_dict()
+        rest = [next(a)["ids"] for _ in range(9)]
+    with RoIDataLoader(roidb, indices_fn, ims_per_batch=1, seed=2, num_workers=2, iter_size=3) as b:
+        b.load_state_dict(state)
+        assert [next(b)["ids"] for _ in range(9)] == rest
+    with RoIDataLoader(roidb, indices_fn, ims_per_batch=1, seed=2, num_workers=0, iter_size=2) as c:
+        with pytest.raises(ValueError, match="iter_size is 3, this loader has 2"):
+            c.load_state_dict(state)
+
+
 def test_wait_is_measured_and_hidden_by_prefetch():
     def slow(entries, rng):
         time.sleep(0.03)

@@ -7,18 +7,27 @@ from typing import Sequence
 import torch
 
 __all__ = ["KernelInputError", "check_nms_args", "check_nms_values", "check_batched_nms_args", "check_roi_args",
-           "check_roi_values", "pair"]
+           "check_roi_values", "pair", "HALF_DTYPES", "compute_dtype"]
+
+# Autocast's reduced-precision dtypes: accepted at the ops' boundary and computed in float32.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class KernelInputError(ValueError):
     """A kernels op was given an argument of the wrong shape, dtype, device or value."""
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float32 for float16/bfloat16, else ``dtype`` itself."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
 def _check_float(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise KernelInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.float32, torch.float64):
-        raise KernelInputError(f"{name} must be float32 or float64, got {t.dtype}")
+    if t.dtype not in (torch.float32, torch.float64) + HALF_DTYPES:
+        raise KernelInputError(f"{name} must be float32 or float64 (float16/bfloat16 are computed in float32), "
+                               f"got {t.dtype}")
 
 
 def check_nms_args(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> None:
@@ -77,8 +86,10 @@ def pair(name: str, size: int | Sequence[int]) -> tuple[int, int]:
 
 def check_roi_args(features: torch.Tensor, rois: torch.Tensor, output_size: int | Sequence[int],
                    spatial_scale: float) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Check ``features`` [B, C, H, W] and ``rois`` [R, 5] (metadata only); return rois in the features' dtype
-    and (h, w). :func:`check_roi_values` checks the values (the C++ kernels do it themselves)."""
+    """Check ``features`` [B, C, H, W] and ``rois`` [R, 5] (metadata only); return rois in the dtype the op
+    computes in (the features' dtype; float32 for float16/bfloat16 features, whose few mantissa bits would move
+    RoI corners by whole pixels) and (h, w). :func:`check_roi_values` checks the values (the C++ kernels do it
+    themselves)."""
     _check_float("features", features)
     _check_float("rois", rois)
     if features.dim() != 4:
@@ -90,7 +101,7 @@ def check_roi_args(features: torch.Tensor, rois: torch.Tensor, output_size: int 
     if not isinstance(spatial_scale, (int, float)) or not spatial_scale > 0 or math.isinf(spatial_scale):
         raise KernelInputError(f"spatial_scale must be a positive number, got {spatial_scale!r}")
     size = pair("output_size", output_size)
-    return rois.to(features.dtype), size
+    return rois.to(compute_dtype(features.dtype)), size
 
 
 def check_roi_values(features: torch.Tensor, rois: torch.Tensor) -> None:

@@ -98,10 +98,14 @@ class FasterRCNN(nn.Module):
         return shifted_anchors(self.base_anchors, height, width, self.feat_stride, device=self.device)
 
     def rpn_forward(self, data) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(1, 3, H, W) blob -> features, RPN logits (N, 2), deltas (N, 4), anchors (N, 4)."""
+        """(1, 3, H, W) blob -> features, RPN logits (N, 2), deltas (N, 4), anchors (N, 4).
+
+        Under torch.autocast the features stay in the autocast dtype (the RoI head takes them as they are);
+        logits and deltas leave in float32, so anchor targets, box decoding and the losses run in float32.
+        """
         features = self.body(self._t(data))
         logits, deltas = self.rpn(features)
-        return features, logits, deltas, self.anchors(features.shape[2], features.shape[3])
+        return features, logits.float(), deltas.float(), self.anchors(features.shape[2], features.shape[3])
 
     # ---- training ------------------------------------------------------------------------------------------
     def rpn_losses(self, blobs: dict, *, generator: torch.Generator, **anchor_target_settings

@@ -46,9 +46,10 @@ class RoIHead(nn.Module):
         return roi_pool(features, rois, size, self.spatial_scale)
 
     def predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, C, P, P) pooled features -> cls_score (R, K), bbox_pred (R, 4K)."""
+        """(R, C, P, P) pooled features -> cls_score (R, K), bbox_pred (R, 4K), float32 even under autocast
+        (the losses and box decoding run in float32)."""
         fc7 = self.box_head(pooled.flatten(1))
-        return self.cls_score(fc7), self.bbox_pred(fc7)
+        return self.cls_score(fc7).float(), self.bbox_pred(fc7).float()
 
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) features and (R, 5) RoIs -> cls_score (R, K), bbox_pred (R, 4K)."""

@@ -184,6 +184,19 @@ def test_cuda_device_without_cuda_is_a_config_error():
     assert resolve_device("auto") == torch.device("cpu")
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_training_steps_run_on_the_cpu(env, tmp_path, amp):
+    """PIPELINE.AMP trains under torch.autocast (CPU autocast supports both here); the RoI kernels compute in
+    float32 at their boundary."""
+    out = tmp_path / amp
+    assert run_single(env, out, "--until", "stage2", "--set", "PIPELINE.AMP", amp,
+                      "--set", "PIPELINE.STAGE2_ITERS", "9") == 0
+    for step in ("stage1", "stage2"):
+        records = read_log(out / EXP / step / "log.jsonl")
+        assert len(records) in (8, 9) and all(r["loss"] < 10 for r in records), step
+    assert manifest(out, "stage2")["fingerprint_parts"]["keys"]["PIPELINE.AMP"] == amp
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

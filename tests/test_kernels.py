@@ -281,6 +281,63 @@ def test_roi_align_backward_is_deterministic_across_thread_counts(ext):
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
+# ---------------------------------------------------------------- float16/bfloat16 (autocast) boundary
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+ROI_OPS = [pytest.param("roi_pool", {}, id="roi_pool"),
+           pytest.param("roi_align", dict(sampling_ratio=2), id="roi_align-sr2"),
+           pytest.param("roi_align", dict(sampling_ratio=-1, aligned=True), id="roi_align-adaptive-aligned")]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("half", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("op, kw", ROI_OPS)
+def test_half_roi_ops_are_the_float32_op_cast_back(monkeypatch, backend, half, op, kw):
+    if backend == "reference":
+        monkeypatch.setenv("FRCNN_KERNELS", "reference")
+    feats = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(5)).to(half)
+    rois = random_rois(30, 5, 2, 11 / 0.5, torch.float64)  # float64 RoIs: cast to float32, never to the half dtype
+    f_half = feats.clone().requires_grad_(True)
+    f32 = feats.float().requires_grad_(True)
+    out = getattr(kernels, op)(f_half, rois, (3, 4), 0.5, **kw)
+    want = getattr(kernels, op)(f32, rois.float(), (3, 4), 0.5, **kw)
+    assert out.dtype == half
+    assert torch.equal(out, want.to(half))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(half)
+    out.backward(grad)
+    want.backward(grad.float())
+    assert f_half.grad.dtype == half
+    assert torch.equal(f_half.grad, f32.grad.to(half))
+
+
+@pytest.mark.parametrize("op", ["roi_pool", "roi_align"])
+def test_rois_of_half_features_are_not_rounded_to_the_half_dtype(op):
+    # Column w holds w % 16 (exact in bfloat16). x = 257 rounds to 256 in bfloat16 (8 significant bits).
+    feats = (torch.arange(300) % 16).to(torch.bfloat16).repeat(1, 1, 4, 1)
+    rois = torch.tensor([[0.0, 257, 0, 257, 3]])
+    kw = {"sampling_ratio": 1} if op == "roi_align" else {}
+    out = getattr(kernels, op)(feats, rois, 1, 1.0, **kw)
+    want = getattr(kernels, op)(feats.float(), rois, 1, 1.0, **kw)
+    assert torch.equal(out.float(), want)
+    assert float(getattr(kernels, op)(feats.float(), rois.bfloat16().float(), 1, 1.0, **kw)) != float(want)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("half", HALF_DTYPES, ids=str)
+def test_half_nms_equals_float32_nms_on_the_upcast_boxes(monkeypatch, backend, half):
+    if backend == "reference":
+        monkeypatch.setenv("FRCNN_KERNELS", "reference")
+    for seed in range(4):
+        boxes, scores = clustered_boxes(300, seed, integer=seed % 2 == 1, ties=seed % 2 == 0)
+        boxes, scores = boxes.to(half), scores.to(half)
+        idxs = torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(seed))
+        for thr in (0.3, 0.7):
+            assert torch.equal(kernels.nms(boxes, scores, thr), kernels.nms(boxes.float(), scores.float(), thr))
+            assert torch.equal(kernels.batched_nms(boxes, scores, idxs, thr),
+                               kernels.batched_nms(boxes.float(), scores.float(), idxs, thr))
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -305,6 +362,11 @@ def test_roi_align_backward_is_deterministic_across_thread_counts(ext):
     (lambda: kernels.roi_align(torch.zeros(1, 1, 4, 4), torch.tensor([[0.5, 0, 0, 2, 2]]), 2, 1.0), "rois"),
     (lambda: kernels.roi_align(torch.zeros(1, 1, 4, 4), torch.tensor([[0, 0, math.inf, 2, 2]]), 2, 1.0), "rois"),
     (lambda: kernels.roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(1, 5), 2, 1.0, 1.5), "sampling_ratio"),
+    (lambda: kernels.roi_align(torch.zeros(1, 1, 4, 4, dtype=torch.float16), torch.zeros(1, 5, dtype=torch.int64), 2,
+                               1.0), "rois"),
+    (lambda: kernels.roi_pool(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, 5), 2, 1.0), "features"),
+    (lambda: kernels.nms(torch.zeros(3, 4, dtype=torch.float16), torch.zeros(3, dtype=torch.bfloat16), 0.5),
+     "scores"),
 ])
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_bad_input_raises_value_error_naming_the_argument(monkeypatch, call, name, backend):

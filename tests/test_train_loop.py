@@ -287,3 +287,27 @@ def test_finished_model_with_a_state_dict_key_is_recognised(tmp_path):
     payload = torch.load(second.model_path, weights_only=True)
     assert second.resumed_from == 30 and payload["iteration"] == 30 and payload["classes"] == ["a", "b"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in payload["state_dict"].items())
+
+
+def test_iter_size_accumulates_the_gradient_of_the_whole_batch(tmp_path):
+    """ITER_SIZE 2 over micro-batches of 4 takes the SGD steps of one batch of 8 (mean losses, no dropout):
+    the weights agree to float rounding, and the log holds the mean of the two micro-batch losses."""
+    def plain_loss(model, batch):
+        x, y = batch
+        return {"cls": torch.nn.functional.cross_entropy(model(x), y)}
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+    whole, accumulated = net(), net()
+    train_loop(whole, plain_loss, ToyLoader(48, 8, np.random.default_rng(1)), iters=12, snapshot_iters=0,
+               out_dir=tmp_path / "whole", progress=False, echo=lambda m: None, **SOLVER)
+    train_loop(accumulated, plain_loss, ToyLoader(48, 4, np.random.default_rng(1)), iters=12, snapshot_iters=5,
+               out_dir=tmp_path / "acc", progress=False, echo=lambda m: None, iter_size=2, **SOLVER)
+    for a, b in zip(whole.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    logs = read_log(tmp_path / "whole" / LOG_NAME), read_log(tmp_path / "acc" / LOG_NAME)
+    assert [r["iter"] for r in logs[1]] == list(range(1, 13))
+    for a, b in zip(*logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -1,5 +1,6 @@
 // Thin torch binding of the CUDA launchers (kernels_cuda.h); built only when torch.cuda.is_available().
-// Same Python names and signatures as binding_cpu.cpp.
+// Same Python names and signatures as binding_cpu.cpp, plus a keyword `deterministic` (default false) on the two
+// backward functions: true picks the one-writer-per-plane kernels instead of atomicAdd.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -54,16 +55,21 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_forward(const at::Tensor& features, 
 }
 
 at::Tensor roi_pool_backward(const at::Tensor& grad, const at::Tensor& rois, const at::Tensor& argmax,
-                             int64_t batch, int64_t channels, int64_t height, int64_t width) {
+                             int64_t batch, int64_t channels, int64_t height, int64_t width, bool deterministic) {
   c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor g = grad.contiguous(), r = rois.contiguous(), a = argmax.contiguous();
   at::Tensor gin = at::zeros({batch, channels, height, width}, g.options());
   if (g.numel() == 0 || gin.numel() == 0) return gin;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "roi_pool_backward_cuda", [&] {
-    check_launch(roi_pool_backward_launch<scalar_t>(g.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(),
-                                                    a.data_ptr<int>(), r.size(0), channels, height, width,
-                                                    g.size(2), g.size(3), gin.data_ptr<scalar_t>(), stream()),
-                 "roi_pool_backward");
+    const scalar_t *gp = g.data_ptr<scalar_t>(), *rp = r.data_ptr<scalar_t>();
+    const int* ap = a.data_ptr<int>();
+    scalar_t* out = gin.data_ptr<scalar_t>();
+    const int err = deterministic
+        ? roi_pool_backward_deterministic_launch<scalar_t>(gp, rp, ap, r.size(0), batch, channels, height, width,
+                                                           g.size(2), g.size(3), out, stream())
+        : roi_pool_backward_launch<scalar_t>(gp, rp, ap, r.size(0), channels, height, width, g.size(2), g.size(3),
+                                             out, stream());
+    check_launch(err, "roi_pool_backward");
   });
   return gin;
 }
@@ -86,16 +92,21 @@ at::Tensor roi_align_forward(const at::Tensor& features, const at::Tensor& rois,
 
 at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois, int64_t batch, int64_t channels,
                               int64_t height, int64_t width, int64_t pooled_h, int64_t pooled_w,
-                              double spatial_scale, int64_t sampling_ratio, bool aligned) {
+                              double spatial_scale, int64_t sampling_ratio, bool aligned, bool deterministic) {
   c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor g = grad.contiguous(), r = rois.contiguous();
   at::Tensor gin = at::zeros({batch, channels, height, width}, g.options());
   if (g.numel() == 0 || gin.numel() == 0) return gin;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "roi_align_backward_cuda", [&] {
-    check_launch(roi_align_backward_launch<scalar_t>(g.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), r.size(0),
-                                                     channels, height, width, pooled_h, pooled_w, spatial_scale,
-                                                     sampling_ratio, aligned, gin.data_ptr<scalar_t>(), stream()),
-                 "roi_align_backward");
+    const scalar_t *gp = g.data_ptr<scalar_t>(), *rp = r.data_ptr<scalar_t>();
+    scalar_t* out = gin.data_ptr<scalar_t>();
+    const int err = deterministic
+        ? roi_align_backward_deterministic_launch<scalar_t>(gp, rp, r.size(0), batch, channels, height, width,
+                                                            pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                                                            aligned, out, stream())
+        : roi_align_backward_launch<scalar_t>(gp, rp, r.size(0), channels, height, width, pooled_h, pooled_w,
+                                              spatial_scale, sampling_ratio, aligned, out, stream());
+    check_launch(err, "roi_align_backward");
   });
   return gin;
 }
@@ -106,7 +117,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "frcnn kernels, CUDA: nms, roi_pool, roi_align (boxes [x1, y1, x2, y2], inclusive pixels)";
   m.def("nms", &nms, "greedy NMS (64-bit mask kernel): boxes [N,4], scores [N], iou_threshold -> int64 [K]");
   m.def("roi_pool_forward", &roi_pool_forward, "Caffe ROIPooling forward -> (output, argmax)");
-  m.def("roi_pool_backward", &roi_pool_backward, "Caffe ROIPooling backward through argmax");
+  m.def("roi_pool_backward", &roi_pool_backward,
+        "Caffe ROIPooling backward through argmax (deterministic: fixed summation order, no atomics)",
+        py::arg("grad"), py::arg("rois"), py::arg("argmax"), py::arg("batch"), py::arg("channels"),
+        py::arg("height"), py::arg("width"), py::arg("deterministic") = false);
   m.def("roi_align_forward", &roi_align_forward, "torchvision RoIAlign forward");
-  m.def("roi_align_backward", &roi_align_backward, "torchvision RoIAlign backward");
+  m.def("roi_align_backward", &roi_align_backward,
+        "torchvision RoIAlign backward (deterministic: fixed summation order, no atomics)", py::arg("grad"),
+        py::arg("rois"), py::arg("batch"), py::arg("channels"), py::arg("height"), py::arg("width"),
+        py::arg("pooled_h"), py::arg("pooled_w"), py::arg("spatial_scale"), py::arg("sampling_ratio"),
+        py::arg("aligned"), py::arg("deterministic") = false);
 }

@@ -22,13 +22,26 @@ int roi_pool_forward_launch(const T* features, const T* rois, int64_t R, int64_t
 template <typename T>
 int roi_pool_backward_launch(const T* grad, const T* rois, const int* argmax, int64_t R, int64_t C, int64_t H,
                              int64_t W, int64_t ph, int64_t pw, T* grad_features, void* stream);
+// As roi_pool_backward_launch, deterministically: one thread per (b, c) plane sums in the CPU kernel's order
+// (RoIs of image b by index, cells row-major), so repeated calls give bitwise identical gradients.
+template <typename T>
+int roi_pool_backward_deterministic_launch(const T* grad, const T* rois, const int* argmax, int64_t R, int64_t B,
+                                           int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, T* grad_features,
+                                           void* stream);
 
 // torchvision RoIAlign.
 template <typename T>
 int roi_align_forward_launch(const T* features, const T* rois, int64_t R, int64_t C, int64_t H, int64_t W,
                              int64_t ph, int64_t pw, double spatial_scale, int64_t sampling_ratio, bool aligned,
                              T* output, void* stream);
+// grad_features [B, C, H, W] must be zeroed; scatters grad [R, C, ph, pw] to the bilinear taps (atomicAdd).
 template <typename T>
 int roi_align_backward_launch(const T* grad, const T* rois, int64_t R, int64_t C, int64_t H, int64_t W, int64_t ph,
                               int64_t pw, double spatial_scale, int64_t sampling_ratio, bool aligned,
                               T* grad_features, void* stream);
+// As roi_align_backward_launch, deterministically: one thread per (b, c) plane sums in the CPU kernel's order
+// (RoIs of image b by index, bins row-major, samples row-major, taps in order).
+template <typename T>
+int roi_align_backward_deterministic_launch(const T* grad, const T* rois, int64_t R, int64_t B, int64_t C, int64_t H,
+                                            int64_t W, int64_t ph, int64_t pw, double spatial_scale,
+                                            int64_t sampling_ratio, bool aligned, T* grad_features, void* stream);

@@ -1,4 +1,5 @@
-// torchvision RoIAlign forward/backward on the GPU (one thread per output element; backward by atomicAdd).
+// torchvision RoIAlign forward/backward on the GPU (one thread per output element; backward by atomicAdd, or
+// deterministically with one thread per feature plane).
 #include <cuda_runtime.h>
 
 #include "kernels_cuda.h"
@@ -7,8 +8,11 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kPlaneThreads = 64;  // the deterministic backward has only B * C threads: spread them over more SMs
 
-inline unsigned grid_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+inline unsigned grid_for(int64_t n, int threads = kThreads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
 
 template <typename T>
 struct Bin {
@@ -87,6 +91,32 @@ __global__ void roi_align_backward_kernel(const T* grad, const T* rois, int64_t 
   }
 }
 
+// One thread per (image b, channel c) plane of grad_features: walks the RoIs of image b in index order, their bins
+// in row-major order, the samples of a bin and their 4 taps in the CPU backward's order, so the float sums do not
+// depend on thread scheduling.
+template <typename T>
+__global__ void roi_align_backward_plane_kernel(const T* grad, const T* rois, int64_t R, int64_t planes, int64_t C,
+                                                int64_t H, int64_t W, int64_t ph_n, int64_t pw_n, T scale,
+                                                int64_t sampling_ratio, bool aligned, T* grad_features) {
+  for (int64_t bc = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; bc < planes;
+       bc += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t b = bc / C, c = bc % C;
+    T* plane = grad_features + bc * H * W;
+    for (int64_t r = 0; r < R; ++r) {
+      if (static_cast<int64_t>(rois[r * 5]) != b) continue;
+      const T* g_rc = grad + (r * C + c) * ph_n * pw_n;
+      for (int64_t ph = 0; ph < ph_n; ++ph)
+        for (int64_t pw = 0; pw < pw_n; ++pw) {
+          const Bin<T> g = bin_of(rois + r * 5, ph, pw, ph_n, pw_n, scale, sampling_ratio, aligned);
+          const T v = g_rc[ph * pw_n + pw] / g.count;
+          for_each_tap(g, H, W, [&](const int64_t* pos, const T* wt) {
+            for (int k = 0; k < 4; ++k) plane[pos[k]] += wt[k] * v;
+          });
+        }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -111,6 +141,18 @@ int roi_align_backward_launch(const T* grad, const T* rois, int64_t R, int64_t C
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
+int roi_align_backward_deterministic_launch(const T* grad, const T* rois, int64_t R, int64_t B, int64_t C, int64_t H,
+                                            int64_t W, int64_t ph, int64_t pw, double spatial_scale,
+                                            int64_t sampling_ratio, bool aligned, T* grad_features, void* stream) {
+  const int64_t planes = B * C;
+  if (R * ph * pw == 0 || planes * H * W == 0) return 0;
+  roi_align_backward_plane_kernel<T><<<grid_for(planes, kPlaneThreads), kPlaneThreads, 0,
+                                       static_cast<cudaStream_t>(stream)>>>(
+      grad, rois, R, planes, C, H, W, ph, pw, static_cast<T>(spatial_scale), sampling_ratio, aligned, grad_features);
+  return static_cast<int>(cudaGetLastError());
+}
+
 template int roi_align_forward_launch<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t,
                                              int64_t, int64_t, double, int64_t, bool, float*, void*);
 template int roi_align_forward_launch<double>(const double*, const double*, int64_t, int64_t, int64_t, int64_t,
@@ -119,3 +161,9 @@ template int roi_align_backward_launch<float>(const float*, const float*, int64_
                                               int64_t, int64_t, double, int64_t, bool, float*, void*);
 template int roi_align_backward_launch<double>(const double*, const double*, int64_t, int64_t, int64_t, int64_t,
                                                int64_t, int64_t, double, int64_t, bool, double*, void*);
+template int roi_align_backward_deterministic_launch<float>(const float*, const float*, int64_t, int64_t, int64_t,
+                                                            int64_t, int64_t, int64_t, int64_t, double, int64_t, bool,
+                                                            float*, void*);
+template int roi_align_backward_deterministic_launch<double>(const double*, const double*, int64_t, int64_t, int64_t,
+                                                             int64_t, int64_t, int64_t, int64_t, double, int64_t,
+                                                             bool, double*, void*);

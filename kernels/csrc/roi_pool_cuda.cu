@@ -1,4 +1,5 @@
-// Caffe ROIPooling forward/backward on the GPU (one thread per output element; backward by atomicAdd).
+// Caffe ROIPooling forward/backward on the GPU (one thread per output element; backward by atomicAdd, or
+// deterministically with one thread per feature plane).
 // start/end = round(x * scale) (half away from zero); roi w/h = max(end - start + 1, 1); cells
 // [floor(p * bin), ceil((p + 1) * bin)) + start clipped to the map; an empty cell gives 0 and argmax -1.
 #include <cuda_runtime.h>
@@ -10,8 +11,11 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kPlaneThreads = 64;  // the deterministic backward has only B * C threads: spread them over more SMs
 
-inline unsigned grid_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+inline unsigned grid_for(int64_t n, int threads = kThreads) {
+  return static_cast<unsigned>((n + threads - 1) / threads);
+}
 
 __device__ inline long long clip(long long v, long long hi) { return v < 0 ? 0 : (v > hi ? hi : v); }
 
@@ -70,6 +74,26 @@ __global__ void roi_pool_backward_kernel(const T* grad, const T* rois, const int
   }
 }
 
+// One thread per (image b, channel c) plane of grad_features: walks the RoIs of image b in index order and their
+// cells in row-major order (the CPU backward's order), so the float sums do not depend on thread scheduling.
+template <typename T>
+__global__ void roi_pool_backward_plane_kernel(const T* grad, const T* rois, const int* argmax, int64_t R,
+                                               int64_t planes, int64_t C, int64_t HW, int64_t P, T* grad_features) {
+  for (int64_t bc = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; bc < planes;
+       bc += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t b = bc / C, c = bc % C;
+    T* plane = grad_features + bc * HW;
+    for (int64_t r = 0; r < R; ++r) {
+      if (static_cast<int64_t>(rois[r * 5]) != b) continue;
+      const int64_t base = (r * C + c) * P;
+      for (int64_t p = 0; p < P; ++p) {
+        const int a = argmax[base + p];
+        if (a >= 0) plane[a] += grad[base + p];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -92,6 +116,18 @@ int roi_pool_backward_launch(const T* grad, const T* rois, const int* argmax, in
   return static_cast<int>(cudaGetLastError());
 }
 
+template <typename T>
+int roi_pool_backward_deterministic_launch(const T* grad, const T* rois, const int* argmax, int64_t R, int64_t B,
+                                           int64_t C, int64_t H, int64_t W, int64_t ph, int64_t pw, T* grad_features,
+                                           void* stream) {
+  const int64_t planes = B * C;
+  if (R * ph * pw == 0 || planes * H * W == 0) return 0;
+  roi_pool_backward_plane_kernel<T><<<grid_for(planes, kPlaneThreads), kPlaneThreads, 0,
+                                      static_cast<cudaStream_t>(stream)>>>(grad, rois, argmax, R, planes, C, H * W,
+                                                                           ph * pw, grad_features);
+  return static_cast<int>(cudaGetLastError());
+}
+
 template int roi_pool_forward_launch<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
                                             int64_t, double, float*, int*, void*);
 template int roi_pool_forward_launch<double>(const double*, const double*, int64_t, int64_t, int64_t, int64_t,
@@ -100,3 +136,9 @@ template int roi_pool_backward_launch<float>(const float*, const float*, const i
                                              int64_t, int64_t, int64_t, float*, void*);
 template int roi_pool_backward_launch<double>(const double*, const double*, const int*, int64_t, int64_t, int64_t,
                                               int64_t, int64_t, int64_t, double*, void*);
+template int roi_pool_backward_deterministic_launch<float>(const float*, const float*, const int*, int64_t, int64_t,
+                                                           int64_t, int64_t, int64_t, int64_t, int64_t, float*,
+                                                           void*);
+template int roi_pool_backward_deterministic_launch<double>(const double*, const double*, const int*, int64_t,
+                                                            int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                            double*, void*);

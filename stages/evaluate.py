@@ -28,6 +28,7 @@ from .artifacts import atomic_write_text
 from .config import Config
 from .distributed import SINGLE, DistContext, shard
 from .errors import ConfigError
+from .lock import raise_if_interrupted
 from .model_setup import load_imdb, load_stage_model, pixel_means
 from .progress import ProgressBar
 from .proposals import read_image, write_pickle
@@ -79,6 +80,7 @@ def run_detector(detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], 
     all_boxes: list[list[np.ndarray]] = [[] for _ in range(imdb.num_classes)]
     bar = ProgressBar(len(indices), label, enabled=progress)
     for n, i in enumerate(indices):
+        raise_if_interrupted()
         scores, boxes = detect(read_image(imdb.image_path_at(i)))
         dets = postprocess_detections(scores, boxes, thresh=config.get("PIPELINE.DET_THRESH"),
                                       nms_thresh=config.get("TEST.NMS"),

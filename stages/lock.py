@@ -4,6 +4,11 @@ One `run` (or `clean`) at a time may hold an experiment folder. A lock left by a
 taken over with a message; a live one makes the second run fail with the first one's pid. `status` never locks.
 `interrupt_guard` turns SIGINT/SIGTERM into `Interrupted` so `finally` blocks release the lock;
 `defer_interrupts` holds a signal back until a snapshot or manifest write has finished.
+
+The handler raises wherever the main thread happens to be, and some library code swallows that exception: a
+Cython extension's module init registers its types with `abc` inside a bare `except:` (numpy.random, lxml), so a
+signal that lands during such an import is lost. The guard therefore also remembers the signal, and the loops
+(each training iteration, each proposal or detection image, each step) call `raise_if_interrupted()`.
 """
 from __future__ import annotations
 
@@ -137,13 +142,21 @@ class RunLock:
 
 
 _state = threading.local()
+_received: list[int] = []  # signals caught under the current interrupt_guard (main thread only)
 
 
 def _handler(signum: int, frame: object) -> None:
+    _received.append(signum)
     if getattr(_state, "deferring", 0):
-        _state.pending = signum
         return
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise `Interrupted` when a signal arrived under `interrupt_guard` (outside a `defer_interrupts` block),
+    even if the exception the handler raised was swallowed on the way. A no-op outside the guard."""
+    if _received and not getattr(_state, "deferring", 0):
+        raise Interrupted(_received[0])
 
 
 @contextlib.contextmanager
@@ -153,11 +166,13 @@ def interrupt_guard() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    outer = list(_received)
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _received[:] = outer
 
 
 @contextlib.contextmanager
@@ -168,7 +183,4 @@ def defer_interrupts() -> Iterator[None]:
         yield
     finally:
         _state.deferring -= 1
-        pending = getattr(_state, "pending", None)
-        if not _state.deferring and pending is not None:
-            _state.pending = None
-            raise Interrupted(pending)
+    raise_if_interrupted()

@@ -27,6 +27,7 @@ from roidb.imdb import Imdb
 
 from .artifacts import atomic_write_bytes
 from .config import Config
+from .lock import raise_if_interrupted
 from .distributed import gather_in_order, shard
 from .model_setup import load_imdb, load_stage_model, pixel_means
 from .progress import ProgressBar
@@ -73,6 +74,7 @@ def imdb_proposals(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "
     bar = ProgressBar(len(indices), label, enabled=progress)
     boxes, scores = [], []
     for n, i in enumerate(indices):
+        raise_if_interrupted()
         b, s = image_proposals(model, read_image(imdb.image_path_at(i)), config)
         boxes.append(b)
         scores.append(s)

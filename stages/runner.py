@@ -32,7 +32,7 @@ from .distributed import SINGLE, DistContext, resolve_device
 from .errors import Interrupted, MissingStepBodyError, PipelineError, StepFailedError
 from .graph import M0, STEP_ORDER, Selection, Step, downstream_steps, fingerprint_parts, get_step, hash_parts
 from .graph import select_steps
-from .lock import RunLock, interrupt_guard, lock_holder_alive, read_lock
+from .lock import RunLock, interrupt_guard, lock_holder_alive, raise_if_interrupted, read_lock
 from .train import FINAL_MODEL, SNAPSHOT_DIR, BatchLoader, LossFn, TrainResult, train_loop
 
 _RESULT = ".result.json"
@@ -264,7 +264,12 @@ class Runner:
             self._require_bodies(pending)
             if self.dist.is_main:
                 dump_config(self.config, self.exp_dir / "config.yml")
-            return [self._run_or_skip(s, s in selection.forced) for s in selection.steps]
+            reports = []
+            for step_id in selection.steps:
+                raise_if_interrupted()
+                reports.append(self._run_or_skip(step_id, step_id in selection.forced))
+            raise_if_interrupted()
+            return reports
 
     def _on_main(self, fn: Callable[[], Any]) -> Any:
         """fn() computed by rank 0 and shared with every rank; its bad-input error is raised on every rank."""

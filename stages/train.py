@@ -31,7 +31,7 @@ import torch
 from .artifacts import FAULT_ENV, atomic_path, atomic_write_text, parse_fault
 from .distributed import SINGLE, DistContext, wrap_loss
 from .errors import Interrupted, NonFiniteLossError, SnapshotMismatchError
-from .lock import defer_interrupts
+from .lock import defer_interrupts, raise_if_interrupted
 from .progress import ProgressBar
 
 SNAPSHOT_DIR = "snapshots"
@@ -453,6 +453,7 @@ def _iterate(run: _Run, loss_fn: LossFn, start: int, iters: int, snapshot_iters:
                 warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             for iteration in range(start + 1, iters + 1):
+                raise_if_interrupted()
                 t0 = time.perf_counter()
                 run.optimizer.zero_grad(set_to_none=True)
                 acc, data_time = _micro_batches(run, module, label, iteration)

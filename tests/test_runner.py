@@ -18,7 +18,7 @@ from stages.artifacts import atomic_path, read_manifest, sha256_file
 from stages.config import load_config
 from stages.errors import (Interrupted, LockError, MissingStepBodyError, StepFailedError, StepSelectionError)
 from stages.graph import STEP_ORDER
-from stages.lock import LOCK_NAME, RunLock, defer_interrupts, interrupt_guard, read_lock
+from stages.lock import LOCK_NAME, RunLock, defer_interrupts, interrupt_guard, raise_if_interrupted, read_lock
 from stages.runner import Runner, StepRegistry, StepResult, register_step, REGISTRY
 from test_train_loop import build, toy_loss
 
@@ -97,6 +97,17 @@ def sigterm_body(ctx):
     record_call(ctx)
     os.kill(os.getpid(), signal.SIGTERM)
     raise AssertionError("SIGTERM should have interrupted the body")
+
+
+def swallowing_body(ctx):
+    """p1 completes after a signal whose exception a bare `except:` swallowed, as the module init of a Cython
+    extension (numpy.random, lxml) does when the signal lands during its import."""
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM should have raised here")
+    except BaseException:
+        pass
+    return proposals_body(ctx)
 
 
 def toy_registry(**replace):
@@ -275,6 +286,38 @@ def test_sigterm_in_a_step_releases_the_lock_and_keeps_it_partial(tmp_path):
     assert not (runner.exp_dir / LOCK_NAME).exists()
     assert read_manifest(runner.step_dir("p1"))["status"] == "running"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_swallowed_signal_still_stops_the_run_before_the_next_step(tmp_path):
+    runner = make_runner(tmp_path, registry=toy_registry(p1=swallowing_body))
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        runner.run()
+    assert calls(runner) == ["stage1", "p1"]
+    assert read_manifest(runner.step_dir("p1"))["status"] == "done", "the finished step is kept"
+    assert not (runner.exp_dir / LOCK_NAME).exists()
+
+
+def test_a_swallowed_signal_stops_a_training_step_at_the_next_iteration(tmp_path):
+    from stages.train import train_loop
+    model, loader, rngs = build(3)
+    seen = {"n": 0}
+
+    def loss_fn(model, batch):
+        seen["n"] += 1
+        if seen["n"] == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                raise AssertionError("SIGINT should have raised here")
+            except BaseException:
+                pass
+        return toy_loss(model, batch)
+
+    with interrupt_guard():
+        with pytest.raises(Interrupted, match="interrupted by SIGINT during iteration 4/10"):
+            train_loop(model, loss_fn, loader, iters=10, lr=0.05, momentum=0.9, weight_decay=0.0, gamma=0.1,
+                       stepsize=5, snapshot_iters=2, out_dir=tmp_path, numpy_rngs=rngs, label="toy", echo=print)
+    assert seen["n"] == 3 and sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["iter_00000002.pt"]
+    raise_if_interrupted()  # the signal is forgotten once the guard ends
 
 
 def test_defer_interrupts_finishes_the_block_first():

@@ -2,6 +2,7 @@
 proposal image, one detection image. Prints a table of medians over repeats (seconds and rate).
 
     python3 bench/bench_steps.py [--config configs/default.yml] [--repeats 20] [--warmup 3] [--threads N]
+                                 [--amp off|bf16|fp16]
 
 Fast R-CNN batches sample from 2000 random boxes per image (stand-ins for P1). Multiply by the iteration / image counts of a config to predict a full run; compare with the step times that
 `pipeline.py status` shows. Threads follow torch's default (OMP_NUM_THREADS or --threads to change it); on a shared
@@ -27,7 +28,7 @@ from stages.config import load_config  # noqa: E402
 from stages.evaluate import detect_image  # noqa: E402
 from stages.model_setup import build_model, load_imdb, pixel_means  # noqa: E402
 from stages.proposals import image_proposals, read_image, write_pickle  # noqa: E402
-from stages.train import make_optimizer  # noqa: E402
+from stages.train import AMP_DTYPES, make_optimizer  # noqa: E402
 from stages.training_steps import (_caffe_multipliers, frcn_loss_fn, frcn_roidb_for_training, make_loader,  # noqa: E402
                                    rpn_loss_fn, rpn_roidb_for_training)
 
@@ -51,12 +52,14 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> float
     return statistics.median(times)
 
 
-def train_iteration(model, loss_fn, loader, stage: str) -> Callable[[], None]:
+def train_iteration(model, loss_fn, loader, stage: str, amp: str = "off") -> Callable[[], None]:
     set_trainable(model, stage)
     opt = make_optimizer(_caffe_multipliers(param_groups(model, 1e-3, 5e-4)), 1e-3, 0.9, 5e-4)
 
     def step() -> None:
-        losses = loss_fn(model, next(loader))
+        batch = next(loader)
+        with torch.autocast("cpu", dtype=AMP_DTYPES[amp], enabled=amp != "off"):
+            losses = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         opt.step()
@@ -69,6 +72,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                        help="autocast dtype of the training iterations (inference stays float32, as in the pipeline)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -94,7 +99,7 @@ def main() -> None:
              ("stage3 iteration (RPN head only)", rpn_loader, rpn_loss_fn(config), "stage3"),
              ("stage4 iteration (fc6..bbox_pred)", frcn_loader, frcn_loss_fn(), "stage4")]
     for name, loader, loss_fn, stage in cases:
-        rows.append((name, median_seconds(train_iteration(model, loss_fn, loader, stage), args.repeats,
+        rows.append((name, median_seconds(train_iteration(model, loss_fn, loader, stage, args.amp), args.repeats,
                                           args.warmup)))
     model.eval()
     with torch.no_grad():
@@ -106,7 +111,7 @@ def main() -> None:
     rpn_loader.close()
     frcn_loader.close()
     print(f"config {args.config}; TRAIN.SCALES {list(config.TRAIN.SCALES)}, TEST.SCALES {list(config.TEST.SCALES)}; "
-          f"torch threads {torch.get_num_threads()}; median of {args.repeats} after {args.warmup} warm-up; "
+          f"torch threads {torch.get_num_threads()}; amp {args.amp}; median of {args.repeats} after {args.warmup} warm-up; "
           f"pixel means {pixel_means(config).ravel().tolist()}")
     width = max(len(r[0]) for r in rows)
     print(f"{'unit'.ljust(width)}  {'seconds':>8}  {'per second':>10}")

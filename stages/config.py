@@ -60,7 +60,7 @@ _PIPELINE_DEFAULTS: dict[str, Any] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "PIPELINE.NET": ("tiny", "vgg16", "zf"),
     "PIPELINE.DEVICE": ("auto", "cpu", "cuda"),
-    "PIPELINE.AMP": ("off", "fp16", "bf16"),
+    "PIPELINE.AMP": ("off", "fp16", "bf16", "auto"),
 }
 # Element types of list keys whose default is empty (the others take the type of the default's elements).
 _ELEMENT_TYPES: dict[str, type] = {"PIPELINE.CLASSES": str}
@@ -304,7 +304,20 @@ def load_config(path: str | os.PathLike[str] | None = None,
         merge_into(config, read_yaml(path), source=str(path))
     for key, raw in overrides:
         set_value(config, key, raw)
+    if config.get("PIPELINE.AMP") == "auto":
+        config["PIPELINE"]["AMP"] = "bf16" if native_bf16(config.get("PIPELINE.DEVICE")) else "off"
     return config
+
+
+def native_bf16(device: str) -> bool:
+    """Whether PIPELINE.DEVICE (auto, cpu, cuda) computes bfloat16 natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated and slower than float32). PIPELINE.AMP 'auto' becomes 'bf16'
+    there and 'off' elsewhere, when the config is loaded, so fingerprints and config.yml hold the resolved value."""
+    import torch
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
 
 
 def dump_config(config: Config, path: str | os.PathLike[str]) -> None:

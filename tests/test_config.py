@@ -155,3 +155,15 @@ def test_experiment_dir(tmp_path):
     assert experiment_dir(load_config()) == Path(load_config().ROOT_DIR) / "output" / "default"
     with pytest.raises(ConfigError, match="EXP_DIR must be a relative folder name"):
         experiment_dir(load_config(overrides=[("EXP_DIR", "../x")]))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_resolves_to_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native):
+    import torch
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    config = load_config(None, overrides=[("PIPELINE.AMP", "auto"), ("PIPELINE.DEVICE", "cpu")])
+    assert config.get("PIPELINE.AMP") == ("bf16" if native else "off")
+    assert load_config(None, overrides=[("PIPELINE.AMP", "fp16")]).get("PIPELINE.AMP") == "fp16"
+    with pytest.raises(ConfigError, match="PIPELINE.AMP"):
+        load_config(None, overrides=[("PIPELINE.AMP", "half")])

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Backbone", "LRNWithinChannel", "build_backbone", "vgg16", "zf", "tiny", "init_backbone",
-           "load_backbone_weights", "WeightsError", "NETS", "TORCHVISION_MEAN", "TORCHVISION_STD"]
+__all__ = ["Backbone", "LRNWithinChannel", "build_backbone", "body_memory_format", "vgg16", "zf", "tiny",
+           "init_backbone", "load_backbone_weights", "WeightsError", "NETS", "TORCHVISION_MEAN", "TORCHVISION_STD"]
 
 # torchvision's ImageNet normalisation (RGB, 0-1 scale), folded into conv1_1 when loading its weights.
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
@@ -88,15 +88,32 @@ class Backbone(nn.Module):
     def forward(self, data: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) image blob -> (B, out_channels, ~H/16, ~W/16) contiguous features (Caffe's ceil-mode pools).
 
-        The body runs in channels_last memory format: on the CPU, oneDNN convolutions and max pooling are faster
-        there than in NCHW (bench/bench_steps.py). Values are the same up to float rounding.
+        The body runs in the memory format of :func:`body_memory_format`. Values are the same up to float rounding.
         """
-        features = self.body(data.contiguous(memory_format=torch.channels_last))
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.body.parameters())
+        features = self.body(data.contiguous(memory_format=body_memory_format(data.device, trains)))
         return features.contiguous()
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """(R, C, P, P) pooled RoI features -> (R, fc_dim) fc7 activations."""
         return self.box_head(pooled.flatten(1))
+
+
+_SLOW_NHWC_BACKWARD = torch.backends.cpu.get_cpu_capability() not in ("AVX512",)
+
+
+def body_memory_format(device: torch.device, trains_body: bool) -> torch.memory_format:
+    """channels_last, except NCHW when the body trains on a CPU without AVX512.
+
+    On the CPU oneDNN's convolutions and max pooling run faster in channels_last than in NCHW (max pooling up to
+    10x), but without AVX512 its NHWC backward convolutions fall back to a slow kernel (3-4x the NCHW one, which
+    reorders to a blocked layout): there a training step of the tiny body is 10-16% faster in NCHW
+    (bench/bench_steps.py). The choice depends only on the machine and on what trains, so a run stays bit for bit
+    reproducible on one machine.
+    """
+    if device.type == "cpu" and trains_body and _SLOW_NHWC_BACKWARD:
+        return torch.contiguous_format
+    return torch.channels_last
 
 
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:

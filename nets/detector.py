@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -168,29 +169,13 @@ class FasterRCNN(nn.Module):
         return rois[:, 1:5], scores
 
 
-def _resize_bilinear(im: torch.Tensor, scale: float) -> torch.Tensor:
-    """(C, H, W) -> (C, round(H*s), round(W*s)), the sampling of ``cv2.resize(fx=s, fy=s, INTER_LINEAR)``."""
-
-    def axis(n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n_out = int(np.round(n_in * scale))
-        src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) / scale - 0.5)
-        i0 = torch.floor(src)
-        frac = (src - i0).float()
-        i0 = i0.long()
-        return i0.clamp(0, n_in - 1), (i0 + 1).clamp(0, n_in - 1), frac
-
-    y0, y1, fy = axis(im.shape[1])
-    x0, x1, fx = axis(im.shape[2])
-    rows = im[:, y0] * (1 - fy)[None, :, None] + im[:, y1] * fy[None, :, None]
-    return rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx
-
-
 def prep_image(im_bgr: np.ndarray, *, scale: int, max_size: int,
                pixel_means: Sequence[float] = PYFRCNN_PIXEL_MEANS) -> tuple[torch.Tensor, float]:
     """A BGR uint8 (H, W, 3) image -> float32 (1, 3, H', W') blob minus ``pixel_means`` and its scale.
 
     py-faster-rcnn's rule: short side to ``scale`` unless round(s * long side) > ``max_size``, then
-    s = max_size / long side; resampled like ``cv2.resize(INTER_LINEAR)``.
+    s = max_size / long side; the float32 mean-subtracted image is resized with ``cv2.resize(INTER_LINEAR)``, as
+    the training blobs are (roidb.blob).
     """
     if im_bgr.ndim != 3 or im_bgr.shape[2] != 3:
         raise ValueError(f"im_detect needs an (H, W, 3) BGR image, got shape {im_bgr.shape}")
@@ -198,8 +183,9 @@ def prep_image(im_bgr: np.ndarray, *, scale: int, max_size: int,
     s = float(scale) / min(h, w)
     if np.round(s * max(h, w)) > max_size:
         s = float(max_size) / max(h, w)
-    im = torch.from_numpy(np.ascontiguousarray(im_bgr)).float() - torch.tensor(list(pixel_means)).float()
-    return _resize_bilinear(im.permute(2, 0, 1), s)[None].contiguous(), s
+    im = im_bgr.astype(np.float32) - np.asarray(pixel_means, dtype=np.float32)
+    im = cv2.resize(im, None, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)))[None], s
 
 
 @torch.no_grad()

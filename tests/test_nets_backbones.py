@@ -23,6 +23,30 @@ def test_feature_shapes(net, channels, expect_hw):
     assert b.head(pooled).shape == (3, b.fc_dim)
 
 
+def test_body_memory_format_follows_the_cpu_and_what_trains(monkeypatch):
+    import nets.backbones as backbones
+    assert backbones._SLOW_NHWC_BACKWARD == (torch.backends.cpu.get_cpu_capability() != "AVX512")
+    cpu = torch.device("cpu")
+    for slow_nhwc_backward, training_format in ((True, torch.contiguous_format), (False, torch.channels_last)):
+        monkeypatch.setattr(backbones, "_SLOW_NHWC_BACKWARD", slow_nhwc_backward)
+        assert backbones.body_memory_format(cpu, trains_body=True) == training_format
+        assert backbones.body_memory_format(cpu, trains_body=False) == torch.channels_last
+        assert backbones.body_memory_format(torch.device("cuda"), trains_body=True) == torch.channels_last
+
+
+def test_training_and_inference_layouts_give_the_same_features(monkeypatch):
+    import nets.backbones as backbones
+    monkeypatch.setattr(backbones, "_SLOW_NHWC_BACKWARD", True)
+    b = build_backbone("tiny")
+    init_backbone(b, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 80, 112) * 50
+    trained = b(x)  # NCHW: the convs take gradients
+    with torch.no_grad():
+        inferred = b(x)  # channels_last
+    assert trained.is_contiguous() and inferred.is_contiguous()
+    torch.testing.assert_close(trained.detach(), inferred, rtol=1e-4, atol=1e-4)
+
+
 def test_vgg16_layout():
     b = build_backbone("vgg16")
     blocks = ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
@@ -155,4 +179,4 @@ def test_prep_image_matches_cv2_resize():
         assert s == pytest.approx(expect_s)
         ref = cv2.resize(ref, None, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
         assert blob.shape == (1, 3, ref.shape[0], ref.shape[1])
-        np.testing.assert_allclose(blob[0].numpy().transpose(1, 2, 0), ref, atol=0.05)
+        np.testing.assert_array_equal(blob[0].numpy().transpose(1, 2, 0), ref)

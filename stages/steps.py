@@ -14,7 +14,7 @@ __all__ = ["BODIES", "BODY_VERSION"]
 BODIES = {"stage1": "stages.training_steps:stage1", "p1": "stages.proposals:p1",
           "stage2": "stages.training_steps:stage2", "stage3": "stages.training_steps:stage3",
           "p2": "stages.proposals:p2", "stage4": "stages.training_steps:stage4", "eval": "stages.evaluate:evaluate"}
-BODY_VERSION = "1"
+BODY_VERSION = "2"
 
 for _step_id, _body in BODIES.items():
     register_step(_step_id, _body, version=BODY_VERSION)

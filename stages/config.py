@@ -255,7 +255,10 @@ def _merge(node: Config, updates: dict[str, Any], source: str, prefix: str, root
 
 
 def set_value(config: Config, key: str, raw: str) -> None:
-    """Apply one `--set KEY VALUE` pair: VALUE goes through ast.literal_eval, or stays a raw string for str keys."""
+    """Apply one `--set KEY VALUE` pair: VALUE goes through ast.literal_eval, or stays a raw string for str keys.
+
+    A list key also takes YAML flow syntax (`[ellipse, ring]`, unquoted names), as in the config files.
+    """
     current = config.get(key, default=None)
     if current is None or isinstance(current, dict):
         if isinstance(current, dict):
@@ -265,6 +268,11 @@ def set_value(config: Config, key: str, raw: str) -> None:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         value = raw
+        if isinstance(current, (list, tuple)):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
     if isinstance(current, str) and not isinstance(value, str):
         value = raw
     parent_key, _, leaf = key.rpartition(".")

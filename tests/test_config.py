@@ -86,6 +86,13 @@ def test_set_pairs_come_last_and_use_literal_eval():
     assert load_config(overrides=[("PIPELINE.WEIGHTS", "data/w.pth")]).PIPELINE.WEIGHTS == "data/w.pth"
 
 
+def test_set_list_key_takes_yaml_flow_syntax():
+    cfg = load_config(overrides=[("PIPELINE.CLASSES", "[ellipse, ring]"), ("TRAIN.SCALES", "[400, 500]")])
+    assert cfg.PIPELINE.CLASSES == ["ellipse", "ring"] and cfg.TRAIN.SCALES == (400, 500)
+    with pytest.raises(ConfigError, match=r"PIPELINE\.CLASSES"):
+        load_config(overrides=[("PIPELINE.CLASSES", "[ellipse, ")])
+
+
 @pytest.mark.parametrize("key, nearest", [("TRAIN.SCALE", "TRAIN.SCALES"), ("TEST.NMSS", "TEST.NMS"),
                                           ("PIPELINE.STAGE2_ITER", "PIPELINE.STAGE2_ITERS"),
                                           ("RNG_SEEDS", "RNG_SEED")])

@@ -356,7 +356,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, *, 
     if not dist.is_main:
         echo = _silent
     if _finished_earlier(model, out_dir, iters, dist.is_main):
-        echo(f"{label}: {FINAL_MODEL} already holds all {iters} iterations")
+        echo(f"{FINAL_MODEL} already holds all {iters} iterations")
         return TrainResult(out_dir / FINAL_MODEL, iters, iters)
     optimizer = make_optimizer(param_groups if param_groups is not None else model.parameters(),
                                lr, momentum, weight_decay)
@@ -372,7 +372,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, *, 
     if snapshot is not None:
         run.restore(snapshot, snapshot_path(out_dir, snapshot["iteration"]).name)
         start = snapshot["iteration"]
-        echo(f"{label}: resuming from snapshot iteration {start}/{iters}")
+        echo(f"resuming from snapshot iteration {start}/{iters}")
     if dist.is_main:
         _truncate_log(out_dir / LOG_NAME, start)
     if progress_callback and dist.is_main:

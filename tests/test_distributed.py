@@ -152,7 +152,7 @@ def test_killed_two_process_run_resumes_to_identical_weights(env, ddp_run, tmp_p
     resumed = torchrun(env, out)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "stage1: done, skipped" in resumed.stdout
-    assert "stage2: resuming from snapshot iteration 4/8" in resumed.stdout
+    assert "[stage2] resuming from snapshot iteration 4/8" in resumed.stdout
     for step in TRAINING:
         expected, got = weights(ddp_run[0], step), weights(out, step)
         assert all(torch.equal(expected[k], got[k]) for k in expected), step

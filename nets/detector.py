@@ -174,8 +174,8 @@ def prep_image(im_bgr: np.ndarray, *, scale: int, max_size: int,
     """A BGR uint8 (H, W, 3) image -> float32 (1, 3, H', W') blob minus ``pixel_means`` and its scale.
 
     py-faster-rcnn's rule: short side to ``scale`` unless round(s * long side) > ``max_size``, then
-    s = max_size / long side; the float32 mean-subtracted image is resized with ``cv2.resize(INTER_LINEAR)``, as
-    the training blobs are (roidb.blob).
+    s = max_size / long side; the float32 mean-subtracted image is resized with ``cv2.resize(INTER_LINEAR)``. The
+    twin of ``roidb.blob.prep_im_for_blob`` (the training blobs), which nets may not import; a test pins the two.
     """
     if im_bgr.ndim != 3 or im_bgr.shape[2] != 3:
         raise ValueError(f"im_detect needs an (H, W, 3) BGR image, got shape {im_bgr.shape}")

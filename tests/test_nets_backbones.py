@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from nets import WeightsError, build_backbone, load_backbone_weights
 from nets.backbones import TORCHVISION_MEAN, TORCHVISION_STD, LRNWithinChannel, init_backbone
 from nets.detector import prep_image
+from roidb.blob import prep_im_for_blob
 
 PIXEL_MEANS = (102.9801, 115.9465, 122.7717)
 
@@ -180,3 +181,7 @@ def test_prep_image_matches_cv2_resize():
         ref = cv2.resize(ref, None, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
         assert blob.shape == (1, 3, ref.shape[0], ref.shape[1])
         np.testing.assert_array_equal(blob[0].numpy().transpose(1, 2, 0), ref)
+        # nets may not import roidb, so prep_image is roidb.blob.prep_im_for_blob's twin: they must agree exactly
+        train_im, train_s = prep_im_for_blob(im, np.array(PIXEL_MEANS, np.float32), scale, max_size)
+        assert train_s == s
+        np.testing.assert_array_equal(blob[0].numpy().transpose(1, 2, 0), train_im)

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off",
                         help="autocast dtype of the training iterations (inference stays float32, as in the pipeline)")
     args = parser.parse_args()
     if args.threads > 0:

@@ -99,7 +99,7 @@ class Backbone(nn.Module):
         return self.box_head(pooled.flatten(1))
 
 
-_SLOW_NHWC_BACKWARD = torch.backends.cpu.get_cpu_capability() not in ("AVX512",)
+_SLOW_NHWC_BACKWARD = torch.backends.cpu.get_cpu_capability() != "AVX512"
 
 
 def body_memory_format(device: torch.device, trains_body: bool) -> torch.memory_format:

@@ -254,6 +254,14 @@ def _merge(node: Config, updates: dict[str, Any], source: str, prefix: str, root
             raise ConfigError(f"{source}: {err}") from None
 
 
+def _yaml_flow(raw: str) -> Any:
+    """`[a, b]` as YAML reads it; the raw text when it is not YAML (coerce_value then names the key)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def set_value(config: Config, key: str, raw: str) -> None:
     """Apply one `--set KEY VALUE` pair: VALUE goes through ast.literal_eval, or stays a raw string for str keys.
 
@@ -267,12 +275,7 @@ def set_value(config: Config, key: str, raw: str) -> None:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = raw
-        if isinstance(current, (list, tuple)):
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                value = raw
+        value = _yaml_flow(raw) if isinstance(current, (list, tuple)) else raw
     if isinstance(current, str) and not isinstance(value, str):
         value = raw
     parent_key, _, leaf = key.rpartition(".")

@@ -27,11 +27,11 @@ from typing import Any, Callable, Sequence
 import click
 
 import stages  # noqa: F401  (importing stages registers the step bodies)
-from stages.config import Config, load_config
-from stages.distributed import init_from_env, shutdown
-from stages.errors import Interrupted, PipelineError
-from stages.graph import STEP_ORDER
-from stages.runner import Runner, StepReport, format_metrics
+from stages.engine.config import Config, load_config
+from stages.engine.distributed import init_from_env, shutdown
+from stages.engine.errors import Interrupted, PipelineError
+from stages.engine.graph import STEP_ORDER
+from stages.engine.runner import Runner, StepReport, format_metrics
 
 TRAINING_STEPS = ("stage1", "stage2", "stage3", "stage4")
 
@@ -146,10 +146,10 @@ def inspect_command(ctx: click.Context, targets: tuple[str, ...], imdb_name: str
                     config_path: str | None, overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
     """Proposal statistics of p1/p2 or any py-faster-rcnn proposal pickle: proposals per image, score range,
     recall at IoU 0.5/0.7 for the top N, average recall (IoU 0.5:0.95), mean best overlap."""
-    from stages.inspect import TOP_NS, format_stats_table, inspect_pickle, resolve_proposal_file, stats_to_json
-    from stages.model_setup import load_imdb
-    from stages.plots import plot_recall_vs_iou
-    from stages.reval import eval_imdb
+    from stages.commands.inspect import TOP_NS, format_stats_table, inspect_pickle, resolve_proposal_file, stats_to_json
+    from stages.settings import load_imdb
+    from stages.commands.plots import plot_recall_vs_iou
+    from stages.commands.reval import eval_imdb
 
     if draw_id is not None and out_path is None:
         raise click.UsageError("--draw needs --out FILE.png")
@@ -174,7 +174,7 @@ def inspect_command(ctx: click.Context, targets: tuple[str, ...], imdb_name: str
 
 
 def _draw_proposal_picture(imdb: Any, proposal_file: Path, image_id: str, top_n: int, target: str) -> None:
-    from stages.plots import draw_proposals, write_image
+    from stages.commands.plots import draw_proposals, write_image
     from stages.proposals import read_image
 
     i = imdb.image_index.index(image_id)
@@ -213,9 +213,9 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
                  pr_plot: str | None, detections_file: str | None, out_dir: str | None, config_path: str | None,
                  overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
     """Evaluate a trained detector (or saved detections) with the VOC metric: per-class AP table and mAP."""
-    from stages.evaluate import format_ap_table
-    from stages.plots import plot_pr_curves
-    from stages.reval import evaluate_step, eval_imdb, read_pr, reval
+    from stages.evaluation import format_ap_table
+    from stages.commands.plots import plot_pr_curves
+    from stages.commands.reval import evaluate_step, eval_imdb, read_pr, reval
 
     config = build_config(config_path, overrides)
     imdb = eval_imdb(config, imdb_name, use_07_metric)
@@ -249,8 +249,8 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
 def demo(ctx: click.Context, images: tuple[str, ...], step: str, out_dir: str | None, thresh: float,
          config_path: str | None, overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
     """Detect objects in plain image files and draw them with class name and score."""
-    from stages.config import experiment_dir
-    from stages.demo import demo as run_demo, format_detections
+    from stages.engine.config import experiment_dir
+    from stages.commands.demo import demo as run_demo, format_detections
 
     config = build_config(config_path, overrides)
     folder = Path(out_dir) if out_dir else experiment_dir(config) / "demo"
@@ -270,9 +270,9 @@ def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smoot
                 overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
     """Loss curves from each training step's log.jsonl (default: every step that has one), one panel per step:
     RPN cls/box or Fast R-CNN cls/box, and the lr."""
-    from stages.config import experiment_dir
-    from stages.plots import plot_losses as draw
-    from stages.train import LOG_NAME, read_log
+    from stages.engine.config import experiment_dir
+    from stages.commands.plots import plot_losses as draw
+    from stages.engine.trainer import LOG_NAME, read_log
 
     exp_dir = experiment_dir(build_config(config_path, overrides))
     logs = {}

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from roidb.synthetic import ensure_shapes_dataset  # noqa: E402
-from stages.graph import STEP_ORDER  # noqa: E402
+from stages.engine.graph import STEP_ORDER  # noqa: E402
 
 TRAINING = ("stage1", "stage2", "stage3", "stage4")
 

@@ -24,12 +24,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nets import param_groups, set_trainable  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.evaluate import detect_image  # noqa: E402
-from stages.model_setup import build_model, load_imdb, pixel_means  # noqa: E402
+from stages.engine.config import load_config  # noqa: E402
+from stages.evaluation import detect_image  # noqa: E402
+from stages.settings import build_model, load_imdb, pixel_means  # noqa: E402
 from stages.proposals import image_proposals, read_image, write_pickle  # noqa: E402
-from stages.train import AMP_DTYPES, make_optimizer  # noqa: E402
-from stages.training_steps import (_caffe_multipliers, frcn_loss_fn, frcn_roidb_for_training, make_loader,  # noqa: E402
+from stages.engine.trainer import AMP_DTYPES, make_optimizer  # noqa: E402
+from stages.training import (_caffe_multipliers, frcn_loss_fn, frcn_roidb_for_training, make_loader,  # noqa: E402
                                    rpn_loss_fn, rpn_roidb_for_training)
 
 

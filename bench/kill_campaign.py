@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from faults import STEPS, Workspace, manifest, manifest_problems, remove_steps  # noqa: E402
-from stages.artifacts import sha256_file  # noqa: E402
-from stages.lock import LOCK_NAME  # noqa: E402
+from stages.engine.artifacts import sha256_file  # noqa: E402
+from stages.engine.lock import LOCK_NAME  # noqa: E402
 
 TRAIN_WRITES = [("manifest.json", 4), ("snapshots/iter_*.pt", 1), ("model.pt", 1)]
 WRITES = {"stage1": TRAIN_WRITES, "stage2": TRAIN_WRITES, "stage3": TRAIN_WRITES, "stage4": TRAIN_WRITES,

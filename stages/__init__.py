@@ -9,12 +9,12 @@ What the step bodies use:
     StepResult(outputs=[relpaths], metrics={...})
     train_loop(model, loss_fn, loader, iters=..., lr=..., ..., out_dir=ctx.step_dir)
 """
-from .config import Config, SolverSettings, experiment_dir, load_config, solver_settings
-from .errors import (ConfigError, Interrupted, LockError, MissingStepBodyError, NonFiniteLossError, PipelineError,
+from .engine.config import Config, SolverSettings, experiment_dir, load_config, solver_settings
+from .engine.errors import (ConfigError, Interrupted, LockError, MissingStepBodyError, NonFiniteLossError, PipelineError,
                      StepFailedError, StepSelectionError)
-from .graph import STEP_ORDER, STEPS, Step, fingerprint, select_steps
-from .runner import REGISTRY, Runner, StepContext, StepInput, StepRegistry, StepResult, register_step
-from .train import TrainResult, train_loop
+from .engine.graph import STEP_ORDER, STEPS, Step, fingerprint, select_steps
+from .engine.runner import REGISTRY, Runner, StepContext, StepInput, StepRegistry, StepResult, register_step
+from .engine.trainer import TrainResult, train_loop
 
 __all__ = [
     "Config", "SolverSettings", "experiment_dir", "load_config", "solver_settings",

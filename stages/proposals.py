@@ -25,13 +25,13 @@ from nets import FasterRCNN, prep_image
 from roidb.errors import DataError
 from roidb.imdb import Imdb
 
-from .artifacts import atomic_write_bytes
-from .config import Config
-from .lock import raise_if_interrupted
-from .distributed import gather_in_order, shard
-from .model_setup import load_imdb, load_stage_model, pixel_means
-from .progress import ProgressBar
-from .runner import StepContext, StepResult
+from .engine.artifacts import atomic_write_bytes
+from .engine.config import Config
+from .engine.lock import raise_if_interrupted
+from .engine.distributed import gather_in_order, shard
+from .settings import load_imdb, load_stage_model, pixel_means
+from .engine.progress import ProgressBar
+from .engine.runner import StepContext, StepResult
 
 __all__ = ["PRE_NMS_TOP_N", "POST_NMS_TOP_N", "image_proposals", "imdb_proposals", "proposal_recall",
            "write_pickle", "p1", "p2"]

@@ -7,13 +7,13 @@ step computes.
 """
 from __future__ import annotations
 
-from .runner import register_step
+from .engine.runner import register_step
 
 __all__ = ["BODIES", "BODY_VERSION"]
 
-BODIES = {"stage1": "stages.training_steps:stage1", "p1": "stages.proposals:p1",
-          "stage2": "stages.training_steps:stage2", "stage3": "stages.training_steps:stage3",
-          "p2": "stages.proposals:p2", "stage4": "stages.training_steps:stage4", "eval": "stages.evaluate:evaluate"}
+BODIES = {"stage1": "stages.training:stage1", "p1": "stages.proposals:p1",
+          "stage2": "stages.training:stage2", "stage3": "stages.training:stage3",
+          "p2": "stages.proposals:p2", "stage4": "stages.training:stage4", "eval": "stages.evaluation:evaluate"}
 BODY_VERSION = "2"
 
 for _step_id, _body in BODIES.items():

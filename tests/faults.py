@@ -180,7 +180,7 @@ def cli(capsys, ws: Workspace, command: str, *extra: str, fault: str | None = No
     """`pipeline.main([command, ...])` in this process: (exit status, stdout, stderr). Cheaper than a child
     process; `fault` sets FRCNN_FAULT for the call (write faults count from this call on)."""
     import pipeline
-    from stages import artifacts
+    from stages.engine import artifacts
 
     artifacts._fault_counts.clear()
     saved = os.environ.pop("FRCNN_FAULT", None)

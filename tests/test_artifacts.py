@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from stages import artifacts
-from stages.artifacts import (atomic_path, atomic_write_json, atomic_write_text, hash_outputs, read_manifest,
+from stages.engine import artifacts
+from stages.engine.artifacts import (atomic_path, atomic_write_json, atomic_write_text, hash_outputs, read_manifest,
                               sha256_file, stale_reason, write_manifest)
-from stages.graph import hash_parts
-from stages.train import save_torch
+from stages.engine.graph import hash_parts
+from stages.engine.trainer import save_torch
 
 
 def leftovers(folder):

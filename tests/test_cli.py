@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 import pipeline
-from stages.graph import STEP_ORDER
-from stages.lock import RunLock
-from stages.runner import REGISTRY
+from stages.engine.graph import STEP_ORDER
+from stages.engine.lock import RunLock
+from stages.engine.runner import REGISTRY
 from test_runner import toy_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,7 @@ DRIVER = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import pipeline
-from stages.runner import REGISTRY
+from stages.engine.runner import REGISTRY
 from test_runner import toy_registry
 REGISTRY._bodies.update(toy_registry()._bodies)
 sys.exit(pipeline.main(sys.argv[1:]))

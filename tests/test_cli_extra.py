@@ -14,9 +14,9 @@ import pipeline
 from nets import im_detect, postprocess_detections, prep_image
 from roidb.safe_pickle import safe_load
 from roidb.synthetic import ensure_shapes_dataset
-from stages.config import load_config
-from stages.inspect import validate_stats_json
-from stages.model_setup import load_stage_model
+from stages.engine.config import load_config
+from stages.commands.inspect import validate_stats_json
+from stages.settings import load_stage_model
 from vocfmt_helpers import CLASSES, PROPOSALS, make_voc
 
 ROOT = Path(__file__).resolve().parent.parent

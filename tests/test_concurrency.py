@@ -13,7 +13,7 @@ import time
 import pytest
 
 from faults import cli, digest_tree, error_line, remove_steps
-from stages.lock import LOCK_NAME
+from stages.engine.lock import LOCK_NAME
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import (Config, ConfigError, dump_config, experiment_dir, load_config, solver_settings)
+from stages.engine.config import (Config, ConfigError, dump_config, experiment_dir, load_config, solver_settings)
 
 DATA = Path(__file__).resolve().parent / "data"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from faults import (STEPS, Workspace, manifest, manifest_problems, remove_steps, sha256)
-from stages.lock import LOCK_NAME
+from stages.engine.lock import LOCK_NAME
 
 CONTINUE_HINT = "run the same command again to continue"
 

@@ -22,9 +22,9 @@ import torch
 
 import pipeline
 from roidb.synthetic import ensure_shapes_dataset
-from stages.config import ConfigError
-from stages.distributed import SINGLE, DistContext, init_from_env, resolve_device, shard
-from stages.train import read_log
+from stages.engine.config import ConfigError
+from stages.engine.distributed import SINGLE, DistContext, init_from_env, resolve_device, shard
+from stages.engine.trainer import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YML = ROOT / "tests" / "data" / "tiny_pipeline.yml"

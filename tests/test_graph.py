@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import load_config
-from stages.errors import StepSelectionError
-from stages.graph import (M0, STEP_ORDER, STEPS, downstream_steps, fingerprint, get_step, keys_read,
+from stages.engine.config import load_config
+from stages.engine.errors import StepSelectionError
+from stages.engine.graph import (M0, STEP_ORDER, STEPS, downstream_steps, fingerprint, get_step, keys_read,
                           select_steps, upstream_steps)
 
 

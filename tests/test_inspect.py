@@ -1,4 +1,4 @@
-"""stages.inspect: proposal statistics checked against hand-computed IoUs on a hand-made VOC folder and pickle."""
+"""stages.commands.inspect: proposal statistics checked against hand-computed IoUs on a hand-made VOC folder and pickle."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 from roidb.errors import DataError, UnsafePickleError
 from roidb.factory import get_imdb
-from stages.inspect import (AR_IOUS, best_overlaps, find_scores_file, format_stats_table, inspect_pickle,
+from stages.commands.inspect import (AR_IOUS, best_overlaps, find_scores_file, format_stats_table, inspect_pickle,
                             proposal_stats, stats_to_json, validate_stats_json)
 from vocfmt_helpers import CLASSES, PROPOSALS, SCORES, make_voc
 

@@ -26,7 +26,7 @@ import torch
 import pipeline
 from roidb.blob import blob_scale
 from roidb.synthetic import ensure_shapes_dataset
-from stages.graph import STEP_ORDER
+from stages.engine.graph import STEP_ORDER
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YML = ROOT / "tests" / "data" / "tiny_pipeline.yml"
@@ -255,8 +255,8 @@ def test_proposal_recall_hand_computed():
 
 def test_training_groups_follow_caffe_multipliers():
     from nets import FasterRCNN, param_groups, set_trainable
-    from stages.train import make_optimizer
-    from stages.training_steps import _caffe_multipliers
+    from stages.engine.trainer import make_optimizer
+    from stages.training import _caffe_multipliers
     model = FasterRCNN("tiny", 3, warn_random_init=False)
     set_trainable(model, "stage3")
     opt = make_optimizer(_caffe_multipliers(param_groups(model, 0.01, 0.0005)), 0.01, 0.9, 0.0005)
@@ -269,9 +269,9 @@ def test_training_groups_follow_caffe_multipliers():
 
 def test_detect_image_without_bbox_reg_tiles_the_rois(env, baseline):
     import cv2
-    from stages.config import load_config
-    from stages.evaluate import detect_image
-    from stages.model_setup import load_stage_model
+    from stages.engine.config import load_config
+    from stages.evaluation import detect_image
+    from stages.settings import load_stage_model
     pairs = env.pairs(baseline[0])
     config = load_config(TINY_YML, overrides=pairs)
     no_reg = load_config(TINY_YML, overrides=pairs + [("TEST.BBOX_REG", "False")])

@@ -1,12 +1,12 @@
-"""stages.plots: PNG sizes read back with cv2, pixels of drawn boxes, curves drawn from the numbers given."""
+"""stages.commands.plots: PNG sizes read back with cv2, pixels of drawn boxes, curves drawn from the numbers given."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
-from stages.inspect import proposal_stats
-from stages.plots import (GT_COLOR, PROPOSAL_COLOR, draw_detections, draw_proposals, plot_losses, plot_pr_curves,
+from stages.commands.inspect import proposal_stats
+from stages.commands.plots import (GT_COLOR, PROPOSAL_COLOR, draw_detections, draw_proposals, plot_losses, plot_pr_curves,
                           plot_recall_vs_iou, write_image)
 from vocfmt_helpers import PROPOSALS
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from stages.artifacts import atomic_path, read_manifest, sha256_file
-from stages.config import load_config
-from stages.errors import (Interrupted, LockError, MissingStepBodyError, StepFailedError, StepSelectionError)
-from stages.graph import STEP_ORDER
-from stages.lock import LOCK_NAME, RunLock, defer_interrupts, interrupt_guard, raise_if_interrupted, read_lock
-from stages.runner import Runner, StepRegistry, StepResult, register_step, REGISTRY
+from stages.engine.artifacts import atomic_path, read_manifest, sha256_file
+from stages.engine.config import load_config
+from stages.engine.errors import (Interrupted, LockError, MissingStepBodyError, StepFailedError, StepSelectionError)
+from stages.engine.graph import STEP_ORDER
+from stages.engine.lock import LOCK_NAME, RunLock, defer_interrupts, interrupt_guard, raise_if_interrupted, read_lock
+from stages.engine.runner import Runner, StepRegistry, StepResult, register_step, REGISTRY
 from test_train_loop import build, toy_loss
 
 
@@ -298,7 +298,7 @@ def test_a_swallowed_signal_still_stops_the_run_before_the_next_step(tmp_path):
 
 
 def test_a_swallowed_signal_stops_a_training_step_at_the_next_iteration(tmp_path):
-    from stages.train import train_loop
+    from stages.engine.trainer import train_loop
     model, loader, rngs = build(3)
     seen = {"n": 0}
 

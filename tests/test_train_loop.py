@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.artifacts import sha256_file
-from stages.errors import Interrupted, NonFiniteLossError
-from stages.train import (LOG_NAME, list_snapshots, make_optimizer, read_log, snapshot_path, step_lr,
+from stages.engine.artifacts import sha256_file
+from stages.engine.errors import Interrupted, NonFiniteLossError
+from stages.engine.trainer import (LOG_NAME, list_snapshots, make_optimizer, read_log, snapshot_path, step_lr,
                           train_loop)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,7 +261,7 @@ def test_amp_resume_is_bit_identical_and_keeps_the_grad_scaler(tmp_path, amp):
 
 def test_progress_bar_draws_only_when_enabled():
     import io
-    from stages.progress import ProgressBar, format_seconds
+    from stages.engine.progress import ProgressBar, format_seconds
 
     quiet = io.StringIO()
     bar = ProgressBar(100, "stage1", stream=quiet)  # StringIO is not a TTY

@@ -16,8 +16,8 @@ from nets import FasterRCNN, load_weights_into
 from roidb.factory import get_imdb
 from roidb.imdb import Imdb
 
-from .config import Config, data_root
-from .errors import ConfigError
+from .engine.config import Config, data_root
+from .engine.errors import ConfigError
 
 __all__ = ["pixel_means", "load_imdb", "build_model", "load_stage_model", "torch_generator"]
 

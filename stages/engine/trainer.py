@@ -219,7 +219,7 @@ def _total_loss(losses: Mapping[str, torch.Tensor], label: str) -> torch.Tensor:
 
 
 def _injected_nan(label: str, iteration: int) -> bool:
-    """FRCNN_FAULT="nan:<label>:<k>" (fault injection, see stages.artifacts): a NaN loss at iteration k."""
+    """FRCNN_FAULT="nan:<label>:<k>" (fault injection, see stages.engine.artifacts): a NaN loss at iteration k."""
     action, step, k = parse_fault(os.environ[FAULT_ENV])
     return action == "nan" and step == label and k == iteration
 

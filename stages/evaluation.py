@@ -24,15 +24,15 @@ from kernels.boxes import clip_boxes
 from nets import FasterRCNN, detect_blob, im_detect, postprocess_detections, prep_image
 from roidb.imdb import Imdb
 
-from .artifacts import atomic_write_text
-from .config import Config
-from .distributed import SINGLE, DistContext, shard
-from .errors import ConfigError
-from .lock import raise_if_interrupted
-from .model_setup import load_imdb, load_stage_model, pixel_means
-from .progress import ProgressBar
+from .engine.artifacts import atomic_write_text
+from .engine.config import Config
+from .engine.distributed import SINGLE, DistContext, shard
+from .engine.errors import ConfigError
+from .engine.lock import raise_if_interrupted
+from .settings import load_imdb, load_stage_model, pixel_means
+from .engine.progress import ProgressBar
 from .proposals import read_image, write_pickle
-from .runner import StepContext, StepResult
+from .engine.runner import StepContext, StepResult
 
 __all__ = ["detect_image", "run_detector", "test_net", "format_ap_table", "evaluate"]
 

@@ -25,12 +25,12 @@ from roidb.factory import get_imdb
 from roidb.imdb import Imdb
 from roidb.safe_pickle import safe_load
 
-from .artifacts import atomic_write_text
-from .config import Config, data_root, experiment_dir
-from .errors import PipelineError
-from .evaluate import _check_test_settings, detect_image, run_detector
-from .model_setup import load_stage_model, pixel_means
-from .proposals import write_pickle
+from ..engine.artifacts import atomic_write_text
+from ..engine.config import Config, data_root, experiment_dir
+from ..engine.errors import PipelineError
+from ..evaluation import _check_test_settings, detect_image, run_detector
+from ..settings import load_stage_model, pixel_means
+from ..proposals import write_pickle
 
 __all__ = ["EVAL_STEPS", "EvalResult", "eval_imdb", "resolve_device", "step_model_path", "default_out_dir",
            "unshared_detect_image", "step_detector", "run_detector", "evaluate_step", "load_detections", "reval",

@@ -31,11 +31,11 @@ from roidb.loader import RoIDataLoader
 from roidb.minibatch import get_minibatch
 from roidb.training import add_bbox_regression_targets, filter_roidb, get_training_roidb
 
-from .config import Config
-from .errors import StepFailedError
-from .model_setup import build_model, load_imdb, load_stage_model, pixel_means, torch_generator
-from .runner import StepContext, StepResult
-from .train import LOG_NAME, read_log
+from .engine.config import Config
+from .engine.errors import StepFailedError
+from .settings import build_model, load_imdb, load_stage_model, pixel_means, torch_generator
+from .engine.runner import StepContext, StepResult
+from .engine.trainer import LOG_NAME, read_log
 
 __all__ = ["rpn_roidb_for_training", "frcn_roidb_for_training", "make_loader", "rpn_loss_fn", "frcn_loss_fn",
            "stage1", "stage2", "stage3", "stage4"]

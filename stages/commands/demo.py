@@ -1,7 +1,7 @@
 """Detections on plain image files (py-faster-rcnn's ``tools/demo.py``): boxes labelled with class name and score.
 
 The model is stage4's ``model.pt`` (the shared model), or for stage2 M1's RPN feeding M2 (see
-:func:`stages.reval.step_detector`); class names come from the checkpoint, so no imdb is needed. Each image gets
+:func:`stages.commands.reval.step_detector`); class names come from the checkpoint, so no imdb is needed. Each image gets
 ``im_detect`` at the TEST settings, then per class NMS at TEST.NMS and the score threshold (``--thresh``,
 py-faster-rcnn's CONF_THRESH 0.8), at most PIPELINE.MAX_PER_IMAGE boxes. Boxes are ``[x1, y1, x2, y2]`` inclusive
 pixels of the original image.
@@ -15,11 +15,11 @@ from typing import Sequence
 
 from nets import postprocess_detections, read_checkpoint
 
-from .config import Config
-from .errors import PipelineError
+from ..engine.config import Config
+from ..engine.errors import PipelineError
 from .plots import draw_detections, write_image
-from .progress import ProgressBar
-from .proposals import read_image
+from ..engine.progress import ProgressBar
+from ..proposals import read_image
 from .reval import step_detector, step_model_path
 
 __all__ = ["DemoResult", "output_name", "demo", "format_detections"]

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .artifacts import atomic_write_bytes
+from ..engine.artifacts import atomic_write_bytes
 from .inspect import ProposalStats
 
 __all__ = ["DPI", "CURVE_PANEL_NS", "LOSS_TERMS", "save_figure", "write_image", "plot_recall_vs_iou",

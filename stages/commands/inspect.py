@@ -24,9 +24,9 @@ from roidb.errors import DataError
 from roidb.imdb import Imdb
 from roidb.safe_pickle import safe_load
 
-from .config import Config, experiment_dir
-from .errors import PipelineError
-from .progress import ProgressBar
+from ..engine.config import Config, experiment_dir
+from ..engine.errors import PipelineError
+from ..engine.progress import ProgressBar
 
 __all__ = ["PROPOSAL_STEPS", "TOP_NS", "AR_IOUS", "CURVE_IOUS", "SCHEMA", "ProposalStats", "resolve_proposal_file",
            "find_scores_file", "load_scores",

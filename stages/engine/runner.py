@@ -33,7 +33,7 @@ from .errors import Interrupted, MissingStepBodyError, PipelineError, StepFailed
 from .graph import M0, STEP_ORDER, Selection, Step, downstream_steps, fingerprint_parts, get_step, hash_parts
 from .graph import select_steps
 from .lock import RunLock, interrupt_guard, lock_holder_alive, raise_if_interrupted, read_lock
-from .train import FINAL_MODEL, SNAPSHOT_DIR, BatchLoader, LossFn, TrainResult, train_loop
+from .trainer import FINAL_MODEL, SNAPSHOT_DIR, BatchLoader, LossFn, TrainResult, train_loop
 
 _RESULT = ".result.json"
 _CHILD_GRACE_S = 120.0

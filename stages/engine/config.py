@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 
-ROOT_DIR = str(Path(__file__).resolve().parent.parent)
+ROOT_DIR = str(Path(__file__).resolve().parents[2])
 
 _TRAIN_DEFAULTS: dict[str, Any] = {
     "SCALES": (600,), "MAX_SIZE": 1000, "IMS_PER_BATCH": 2, "BATCH_SIZE": 128, "FG_FRACTION": 0.25,

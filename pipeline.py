@@ -29,15 +29,14 @@ import click
 import stages  # noqa: F401  (importing stages registers the step bodies)
 from stages.engine.config import Config, load_config
 from stages.engine.distributed import init_from_env, shutdown
-from stages.engine.errors import Interrupted, PipelineError
-from stages.engine.graph import STEP_ORDER
+from stages.engine.errors import Interrupted, is_bad_input, one_line
+from stages.engine.graph import all_step_ids
 from stages.engine.runner import Runner, StepReport, format_metrics
 
 TRAINING_STEPS = ("stage1", "stage2", "stage3", "stage4")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yml"
-STEP = click.Choice(STEP_ORDER)
-BAD_INPUT = (PipelineError, ValueError, KeyError, FileNotFoundError, OSError)
+STEP = click.Choice(all_step_ids())
 
 
 def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,17 +106,28 @@ def status(ctx: click.Context, config_path: str | None, overrides: tuple[tuple[s
     rows = runner.status_rows()
     click.echo(format_table(["step", "state", "time", "metrics"],
                             [[r["step"], r["state"], r["time"], r["metrics"]] for r in rows]))
+    click.echo(runner.cache_summary())
 
 
 @cli.command()
-@click.argument("step", type=STEP)
+@click.argument("step", type=STEP, required=False)
+@click.option("--cache", "cache_only", is_flag=True,
+              help="Empty the run cache (of STEP only, when given) instead of removing STEP's folder.")
 @config_options
 @click.pass_context
-def clean(ctx: click.Context, step: str, config_path: str | None, overrides: tuple[tuple[str, str], ...],
-          debug: bool) -> None:
-    """Remove STEP's folder; its downstream steps re-run next time if STEP's new outputs differ."""
+def clean(ctx: click.Context, step: str | None, cache_only: bool, config_path: str | None,
+          overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
+    """Remove STEP's folder and its cached versions (its downstream steps re-run next time if STEP's new outputs
+    differ), or with --cache empty the run cache of earlier versions."""
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    if step is None and not cache_only:
+        raise click.UsageError("name a STEP to remove, or give --cache to empty the run cache")
     runner = Runner(build_config(config_path, overrides), echo=click.echo)
+    if cache_only:
+        count, size = runner.clean_cache(step)
+        click.echo(f"removed {count} cached version{'s' if count != 1 else ''} ({size / 1e6:.1f} MB)"
+                   + (f" of {step}" if step else "") + f" from {runner.cache.root}")
+        return
     downstream = runner.clean(step)
     click.echo(f"removed {runner.step_dir(step)}")
     if downstream:
@@ -272,6 +282,7 @@ def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smoot
     RPN cls/box or Fast R-CNN cls/box, and the lr."""
     from stages.engine.config import experiment_dir
     from stages.commands.plots import plot_losses as draw
+    from stages.engine.errors import PipelineError
     from stages.engine.trainer import LOG_NAME, read_log
 
     exp_dir = experiment_dir(build_config(config_path, overrides))
@@ -281,10 +292,10 @@ def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smoot
         if records:
             logs[step] = records
         elif steps:
-            raise FileNotFoundError(f"{exp_dir / step / LOG_NAME}: no training log (run `pipeline.py run "
-                                    f"--until {step}` first)")
+            raise PipelineError(f"{exp_dir / step / LOG_NAME}: no training log (run `pipeline.py run "
+                                f"--until {step}` first)")
     if not logs:
-        raise FileNotFoundError(f"{exp_dir}: no training step has a {LOG_NAME} yet")
+        raise PipelineError(f"{exp_dir}: no training step has a {LOG_NAME} yet")
     draw(logs, out_path, smooth=smooth)
     click.echo(format_table(["step", "iterations", "last loss", "last lr"],
                             [[s, str(r[-1]["iter"]), f"{r[-1]['loss']:.4f}", f"{r[-1]['lr']:g}"]
@@ -306,13 +317,15 @@ def summary_table(reports: list[StepReport]) -> str:
 
 
 def _message(err: BaseException) -> str:
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     rank = os.environ.get("RANK", "0")
-    return ("" if rank == "0" else f"[rank {rank}] ") + " ".join(str(text).split())
+    return ("" if rank == "0" else f"[rank {rank}] ") + one_line(err)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 bug, 2 bad input, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 1 bug, 2 bad input, 130 interrupted).
+
+    Bad input is a typed error (stages.engine.errors.is_bad_input): one `error:` line. Any other exception is a
+    bug: its traceback, then one line saying so."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
@@ -331,7 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         click.echo(f"{_message(err)}; finished steps are kept: run the same command again to continue "
                    f"(a training step resumes from its last snapshot)", err=True)
         return 130
-    except BAD_INPUT as err:
+    except Exception as err:  # noqa: BLE001  (sorted into bad input and bugs right here)
+        if not is_bad_input(err):
+            traceback.print_exc()
+            click.echo(f"error: this is a bug, not bad input ({type(err).__name__}: {_message(err)}); the traceback "
+                       f"above says where; please report it", err=True)
+            return 1
         if debug:
             traceback.print_exc()
         click.echo(f"error: {_message(err)}", err=True)

@@ -117,10 +117,11 @@ def format_ap_table(aps: dict[str, float], mean_ap: float) -> str:
 
 
 def evaluate(ctx: StepContext) -> StepResult:
-    """Detect with M4 on PIPELINE.TEST_IMDB; write detections, comp4 files, APs; metrics mAP and AP_<cls>."""
+    """Detect with the final model (its first upstream step's model.pt: M4 in alt_opt) on PIPELINE.TEST_IMDB;
+    write detections, comp4 files, APs; metrics mAP and AP_<cls>."""
     _check_test_settings(ctx.config)
     imdb = load_imdb(ctx.config, "PIPELINE.TEST_IMDB")
-    model = load_stage_model(ctx.config, ctx.input_file("stage4", "model.pt"), imdb.classes, ctx.device)
+    model = load_stage_model(ctx.config, ctx.input_file(ctx.step.upstream[0], "model.pt"), imdb.classes, ctx.device)
     all_boxes = test_net(model, imdb, ctx.config, label=ctx.step.id, dist=ctx.dist)
     if all_boxes is None:
         return StepResult(outputs=[])

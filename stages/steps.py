@@ -1,4 +1,5 @@
-"""Registers the real bodies of the seven steps (stage1, p1, stage2, stage3, p2, stage4, eval) with the runner.
+"""Registers the real bodies of the steps (stage1, p1, stage2, stage3, p2, stage4, eval) and the data inputs
+(data:train, data:test) with the runner.
 
 Importing `stages` imports this module, so `pipeline.py run` finds every body. Bodies are registered by name
 ("module:function") and imported only when a step runs, so a rerun with nothing to do never loads the model or
@@ -7,7 +8,7 @@ step computes.
 """
 from __future__ import annotations
 
-from .engine.runner import register_step
+from .engine.runner import register_data_input, register_step
 
 __all__ = ["BODIES", "BODY_VERSION"]
 
@@ -18,3 +19,6 @@ BODY_VERSION = "2"
 
 for _step_id, _body in BODIES.items():
     register_step(_step_id, _body, version=BODY_VERSION)
+
+register_data_input("data:train", "stages.data:train_data")
+register_data_input("data:test", "stages.data:test_data")

@@ -17,6 +17,7 @@ from stages.engine.graph import STEP_ORDER
 from stages.engine.lock import RunLock
 from stages.engine.runner import REGISTRY
 from test_runner import toy_registry
+from vocfmt_helpers import data_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,8 @@ def toy_bodies():
 @pytest.fixture
 def toy_yml(tmp_path):
     pipeline_keys = {"OUTPUT_ROOT": str(tmp_path / "out"), "DEVICE": "cpu"}
+    for key, value in data_overrides(tmp_path / "data"):
+        pipeline_keys[key.split(".")[1]] = yaml.safe_load(value)
     for k in (1, 2, 3, 4):
         pipeline_keys.update({f"STAGE{k}_ITERS": 12, f"STAGE{k}_STEPSIZE": 6, f"STAGE{k}_SNAPSHOT_ITERS": 4,
                               f"STAGE{k}_LR": 0.05})
@@ -101,10 +104,11 @@ def test_run_status_clean(capsys, toy_bodies, toy_yml, tmp_path):
     code, out, _ = cli(capsys, "status", "--config", str(toy_yml), "--set", "TEST.NMS", "0.5")
     lines = out.splitlines()
     assert code == 0 and lines[1].split() == ["step", "state", "time", "metrics"]
-    assert lines[-1].startswith("eval    stale: fingerprint changed: TEST.NMS")
+    assert lines[-2].startswith("eval    stale: fingerprint changed: TEST.NMS")
+    assert lines[-1].startswith("run cache: 0 versions, 0.0 MB (PIPELINE.RUN_CACHE_VERSIONS 2 per step")
     assert lines[3].split()[:2] == ["p1", "done"] and "recall@0.5 0.9877  num_images 3" in lines[3]
     column = lines[1].index("state")
-    assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines[2:])
+    assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines[2:-1])
 
     code, out, _ = cli(capsys, "clean", "stage3", "--config", str(toy_yml))
     assert code == 0 and "downstream of stage3: p2, stage4, eval" in out

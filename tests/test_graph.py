@@ -5,15 +5,17 @@ import pytest
 
 from stages.engine.config import load_config
 from stages.engine.errors import StepSelectionError
-from stages.engine.graph import (M0, STEP_ORDER, STEPS, downstream_steps, fingerprint, get_step, keys_read,
-                          select_steps, upstream_steps)
+from stages.engine.graph import (M0, NON_RESULT_KEYS, STEP_ORDER, STEPS, TEST_DATA, TRAIN_DATA, downstream_steps,
+                                 fingerprint, get_step, graph_for, keys_read, select_steps, undeclared_reads,
+                                 upstream_steps)
 
 
 def test_step_table():
     assert STEP_ORDER == ("stage1", "p1", "stage2", "stage3", "p2", "stage4", "eval")
     assert {s: STEPS[s].inputs for s in STEP_ORDER} == {
-        "stage1": (M0,), "p1": ("stage1",), "stage2": ("p1", M0), "stage3": ("stage2",), "p2": ("stage3",),
-        "stage4": ("stage3", "p2"), "eval": ("stage4",)}
+        "stage1": (M0, TRAIN_DATA), "p1": ("stage1", TRAIN_DATA), "stage2": ("p1", M0, TRAIN_DATA),
+        "stage3": ("stage2", TRAIN_DATA), "p2": ("stage3", TRAIN_DATA), "stage4": ("stage3", "p2", TRAIN_DATA),
+        "eval": ("stage4", TEST_DATA)}
     assert upstream_steps("stage4") == ["stage1", "p1", "stage2", "stage3", "p2"]
     assert downstream_steps("stage3") == ["p2", "stage4", "eval"]
     assert [STEPS[s].stage for s in ("stage1", "stage2", "stage3", "stage4")] == [1, 2, 3, 4]
@@ -27,7 +29,7 @@ def test_every_read_key_exists():
 
 def simulate(config, outputs_of):
     """Fingerprints of all steps, feeding each step's fake output digest (a function of its fingerprint) on."""
-    prints, digests = {}, {M0: "m0"}
+    prints, digests = {}, {M0: "m0", TRAIN_DATA: "train-content", TEST_DATA: "test-content"}
     for step in STEP_ORDER:
         prints[step] = fingerprint(step, config, {i: digests[i] for i in STEPS[step].inputs})
         digests[step] = outputs_of(step, prints[step])
@@ -81,8 +83,44 @@ def test_fingerprint_needs_every_input_digest():
 
 def test_extra_and_version_enter_the_fingerprint():
     cfg = load_config()
-    assert fingerprint("eval", cfg, {"stage4": "d"}) != fingerprint("eval", cfg, {"stage4": "d"}, extra={"v": 2})
-    assert fingerprint("eval", cfg, {"stage4": "d"}) != fingerprint("eval", cfg, {"stage4": "e"})
+    ins = {"stage4": "d", TEST_DATA: "t"}
+    assert fingerprint("eval", cfg, ins) != fingerprint("eval", cfg, ins, extra={"v": 2})
+    assert fingerprint("eval", cfg, ins) != fingerprint("eval", cfg, {**ins, "stage4": "e"})
+
+
+def test_the_data_is_an_input_and_its_path_is_not():
+    """A changed content digest re-fingerprints exactly the steps that read that imdb; the imdb's name, DATA_ROOT
+    and the folder it lives in are stood for by the digest, so moving the data changes nothing."""
+    def prints(train, test, overrides=()):
+        config, out = load_config(overrides=list(overrides)), {}
+        digests = {M0: "m0", TRAIN_DATA: train, TEST_DATA: test}
+        for step in STEP_ORDER:
+            out[step] = fingerprint(step, config, {i: digests[i] for i in STEPS[step].inputs})
+            digests[step] = "out-" + out[step]
+        return out
+
+    base = prints("a", "b")
+    assert [s for s in STEP_ORDER if prints("a2", "b")[s] != base[s]] == list(STEP_ORDER)
+    assert [s for s in STEP_ORDER if prints("a", "b2")[s] != base[s]] == ["eval"]
+    moved = prints("a", "b", [("PIPELINE.DATA_ROOT", "'/elsewhere'"),
+                              ("PIPELINE.TRAIN_IMDB", "'vocfmt:/elsewhere/VOC2007:trainval'"),
+                              ("PIPELINE.TEST_IMDB", "'vocfmt:/elsewhere/VOC2007:test'")])
+    assert moved == base
+
+
+def test_undeclared_reads_are_named():
+    stage1 = get_step("stage1")
+    assert undeclared_reads(stage1, {"TRAIN.SCALES", "PIPELINE.STAGE1_LR", "PIPELINE.TRAIN_IMDB",
+                                     "PIPELINE.LOG_EVERY"}) == []
+    assert undeclared_reads(stage1, {"TEST.NMS", "TRAIN.FG_THRESH", "TRAIN.SCALES"}) == ["TEST.NMS", "TRAIN.FG_THRESH"]
+    assert undeclared_reads(get_step("eval"), {"PIPELINE.TEST_IMDB", "PIPELINE.TRAIN_IMDB"}) == ["PIPELINE.TRAIN_IMDB"]
+    assert all(key in load_config().flat() for key in NON_RESULT_KEYS)
+
+
+def test_graph_for_the_mode():
+    assert graph_for(load_config()).order == STEP_ORDER
+    with pytest.raises(Exception, match="PIPELINE.MODE"):
+        load_config(overrides=[("PIPELINE.MODE", "'joint'")])
 
 
 def done_until(last):

@@ -20,7 +20,8 @@ from stages.engine.errors import (Interrupted, LockError, MissingStepBodyError, 
 from stages.engine.graph import STEP_ORDER
 from stages.engine.lock import LOCK_NAME, RunLock, defer_interrupts, interrupt_guard, raise_if_interrupted, read_lock
 from stages.engine.runner import Runner, StepRegistry, StepResult, register_step, REGISTRY
-from test_train_loop import build, toy_loss
+from test_train_loop import build, loop, toy_loss
+from vocfmt_helpers import data_overrides
 
 
 class Crash(RuntimeError):
@@ -65,7 +66,7 @@ def train_body(ctx):
         if seen["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return toy_loss(model, batch)
-    result = ctx.train(model, loss_fn, loader, numpy_rngs=rngs, progress=False)
+    result = ctx.train(model, loss_fn, loader, numpy_rngs=rngs)
     return StepResult(["model.pt"], {"loss": result.last_losses["cls"]})
 
 
@@ -123,7 +124,7 @@ def toy_config(tmp_path, *extra, exp="toy"):
     solver = [(f"PIPELINE.STAGE{k}_{key}", v) for k in (1, 2, 3, 4)
               for key, v in (("ITERS", "20"), ("STEPSIZE", "10"), ("SNAPSHOT_ITERS", "5"), ("LR", "0.05"))]
     return load_config(overrides=[("PIPELINE.OUTPUT_ROOT", str(tmp_path)), ("EXP_DIR", exp),
-                                  ("PIPELINE.DEVICE", "cpu"), *solver, *extra])
+                                  ("PIPELINE.DEVICE", "cpu"), *data_overrides(tmp_path / "data"), *solver, *extra])
 
 
 def make_runner(tmp_path, *extra, registry=None, exp="toy", **kw):
@@ -314,7 +315,7 @@ def test_a_swallowed_signal_stops_a_training_step_at_the_next_iteration(tmp_path
 
     with interrupt_guard():
         with pytest.raises(Interrupted, match="interrupted by SIGINT during iteration 4/10"):
-            train_loop(model, loss_fn, loader, iters=10, lr=0.05, momentum=0.9, weight_decay=0.0, gamma=0.1,
+            loop(model, loss_fn, loader, iters=10, lr=0.05, momentum=0.9, weight_decay=0.0, gamma=0.1,
                        stepsize=5, snapshot_iters=2, out_dir=tmp_path, numpy_rngs=rngs, label="toy", echo=print)
     assert seen["n"] == 3 and sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["iter_00000002.pt"]
     raise_if_interrupted()  # the signal is forgotten once the guard ends

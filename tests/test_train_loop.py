@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from stages.engine.artifacts import sha256_file
+from stages.engine.config import SolverSettings
 from stages.engine.errors import Interrupted, NonFiniteLossError
-from stages.engine.trainer import (LOG_NAME, list_snapshots, make_optimizer, read_log, snapshot_path, step_lr,
+from stages.engine.trainer import (LOG_NAME, Reporter, list_snapshots, make_optimizer, read_log, snapshot_path, step_lr,
                           train_loop)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,9 +70,18 @@ def build(seed: int = 3):
 SOLVER = dict(lr=0.05, stepsize=12, gamma=0.1, momentum=0.9, weight_decay=0.0005)
 
 
+def loop(model, loss_fn, loader, *, out_dir, iters, snapshot_iters, lr, stepsize, gamma, momentum, weight_decay,
+         iter_size=1, amp="off", progress=False, echo=lambda m: None, label="train", **kwargs):
+    """train_loop with its solver and reporter spelled out as keywords."""
+    solver = SolverSettings(iters=iters, lr=lr, stepsize=stepsize, gamma=gamma, momentum=momentum,
+                            weight_decay=weight_decay, snapshot_iters=snapshot_iters, iter_size=iter_size, amp=amp)
+    return train_loop(model, loss_fn, loader, solver, out_dir,
+                      reporter=Reporter(label=label, echo=echo, progress_bar=progress), **kwargs)
+
+
 def run(out_dir, iters=30, snapshot_iters=7, loss_fn=toy_loss, **kw):
     model, loader, rngs = build()
-    result = train_loop(model, loss_fn, loader, iters=iters, snapshot_iters=snapshot_iters, out_dir=out_dir,
+    result = loop(model, loss_fn, loader, iters=iters, snapshot_iters=snapshot_iters, out_dir=out_dir,
                         numpy_rngs=rngs, progress=False, echo=lambda m: None, **{**SOLVER, **kw})
     return model, result
 
@@ -131,7 +141,7 @@ def test_sgd_matches_hand_written_momentum_update_on_given_groups_only(tmp_path)
     def mse(model, batch):
         return {"mse": ((model(batch[0]) - batch[1]) ** 2).mean()}
 
-    train_loop(model, mse, Fixed(), iters=5, lr=lr, stepsize=stepsize, gamma=gamma, momentum=m, weight_decay=wd,
+    loop(model, mse, Fixed(), iters=5, lr=lr, stepsize=stepsize, gamma=gamma, momentum=m, weight_decay=wd,
                snapshot_iters=0, out_dir=tmp_path, param_groups=groups, progress=False, echo=lambda s: None)
     assert torch.equal(model[0].weight, frozen)
     for n, p in model.named_parameters():
@@ -173,7 +183,7 @@ def test_resume_skips_a_corrupt_newest_snapshot(tmp_path):
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a torn file
     messages = []
     model, loader, rngs = build()
-    result = train_loop(model, toy_loss, loader, iters=30, snapshot_iters=7, out_dir=tmp_path / "crash",
+    result = loop(model, toy_loss, loader, iters=30, snapshot_iters=7, out_dir=tmp_path / "crash",
                         numpy_rngs=rngs, progress=False, echo=messages.append, **SOLVER)
     assert result.resumed_from == 7
     assert any("iter_00000014.pt is unreadable" in m for m in messages)
@@ -301,9 +311,9 @@ def test_iter_size_accumulates_the_gradient_of_the_whole_batch(tmp_path):
         return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
 
     whole, accumulated = net(), net()
-    train_loop(whole, plain_loss, ToyLoader(48, 8, np.random.default_rng(1)), iters=12, snapshot_iters=0,
+    loop(whole, plain_loss, ToyLoader(48, 8, np.random.default_rng(1)), iters=12, snapshot_iters=0,
                out_dir=tmp_path / "whole", progress=False, echo=lambda m: None, **SOLVER)
-    train_loop(accumulated, plain_loss, ToyLoader(48, 4, np.random.default_rng(1)), iters=12, snapshot_iters=5,
+    loop(accumulated, plain_loss, ToyLoader(48, 4, np.random.default_rng(1)), iters=12, snapshot_iters=5,
                out_dir=tmp_path / "acc", progress=False, echo=lambda m: None, iter_size=2, **SOLVER)
     for a, b in zip(whole.parameters(), accumulated.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

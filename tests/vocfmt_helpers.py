@@ -45,3 +45,14 @@ PROPOSALS = [np.array([[10, 10, 29, 49], [50, 20, 69, 34], [10, 10, 29, 29]], np
              np.array([[0, 0, 39, 29], [60, 60, 70, 70]], np.float32)]
 SCORES = [np.array([0.9, 0.8, 0.7], np.float32), np.array([0.95, 0.1], np.float32)]
 CLASSES = ["cat", "dog"]
+
+
+def data_overrides(root: Path) -> list[tuple[str, str]]:
+    """--set pairs pointing TRAIN_IMDB and TEST_IMDB at the hand-made folder under ``root`` (made once), for tests
+    whose step bodies are toys but whose runner digests the data like any other."""
+    voc = root / "voc"
+    if not (voc / "ImageSets" / "Main" / "test.txt").is_file():
+        make_voc(voc, "test")
+        (voc / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(OBJECTS) + "\n")
+    return [("PIPELINE.DATA_ROOT", str(root)), ("PIPELINE.CLASSES", str(CLASSES)),
+            ("PIPELINE.TRAIN_IMDB", f"vocfmt:{voc}:trainval"), ("PIPELINE.TEST_IMDB", f"vocfmt:{voc}:test")]

@@ -8,12 +8,14 @@ that callers pass down explicitly.
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import copy
 import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
@@ -55,12 +57,14 @@ _PIPELINE_DEFAULTS: dict[str, Any] = {
     "DEVICE": "auto", "WORKERS": 0, "ISOLATE_STEPS": False, "AMP": "off", "DETERMINISTIC": False,
     "ANCHOR_SCALES": [8, 16, 32], "ANCHOR_RATIOS": [0.5, 1.0, 2.0],
     "MAX_PER_IMAGE": 100, "DET_THRESH": 0.05, "LOG_EVERY": 1,
+    "MODE": "alt_opt", "RUN_CACHE_VERSIONS": 2,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "PIPELINE.NET": ("tiny", "vgg16", "zf"),
     "PIPELINE.DEVICE": ("auto", "cpu", "cuda"),
     "PIPELINE.AMP": ("off", "fp16", "bf16", "auto"),
+    "PIPELINE.MODE": ("alt_opt",),
 }
 # Element types of list keys whose default is empty (the others take the type of the default's elements).
 _ELEMENT_TYPES: dict[str, type] = {"PIPELINE.CLASSES": str}
@@ -83,6 +87,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "PIPELINE.WORKERS": (_non_negative, ">= 0"),
     "PIPELINE.ITER_SIZE": (_positive, "> 0"),
     "PIPELINE.LOG_EVERY": (_positive, "> 0"),
+    "PIPELINE.RUN_CACHE_VERSIONS": (_non_negative, ">= 0"),
     "EXP_DIR": (bool, "non-empty"),
 }
 
@@ -107,15 +112,40 @@ def default_dict() -> dict[str, Any]:
     }
 
 
+_READS: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("config_reads", default=None)
+
+
+@contextlib.contextmanager
+def recording_reads() -> Iterator[set[str]]:
+    """Collect the dotted leaf keys read from any Config (`cfg.TRAIN.SCALES`, `cfg["TEST"]["NMS"]`,
+    `cfg.get("TEST.NMS")`) inside the block: the runner checks them against the step's declared reads."""
+    read: set[str] = set()
+    token = _READS.set(read)
+    try:
+        yield read
+    finally:
+        _READS.reset(token)
+
+
 class Config(dict):
     """A nested dict with attribute access (`cfg.TRAIN.SCALES`) and dotted look-up (`cfg.get("TEST.NMS")`)."""
 
-    def __init__(self, data: dict[str, Any] | None = None):
+    def __init__(self, data: dict[str, Any] | None = None, prefix: str = ""):
         super().__init__()
+        object.__setattr__(self, "_prefix", prefix)
         for key, value in (data or {}).items():
-            self[key] = Config(value) if isinstance(value, dict) else value
+            self[key] = Config(value, f"{prefix}{key}.") if isinstance(value, dict) else value
+
+    def __getitem__(self, name: str) -> Any:
+        value = dict.__getitem__(self, name)
+        read = _READS.get()
+        if read is not None and not isinstance(value, dict):
+            read.add(f"{self.__dict__.get('_prefix', '')}{name}")
+        return value
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
         try:
             return self[name]
         except KeyError:
@@ -130,6 +160,9 @@ class Config(dict):
                     return default
                 raise ConfigError(_unknown_key_message(key, self))
             node = dict.__getitem__(node, part)
+        read = _READS.get()
+        if read is not None and not isinstance(node, dict):
+            read.add(f"{self.__dict__.get('_prefix', '')}{key}")
         return node
 
     def flat(self) -> dict[str, Any]:
@@ -369,6 +402,8 @@ class SolverSettings:
     momentum: float
     weight_decay: float
     snapshot_iters: int
+    iter_size: int = 1
+    amp: str = "off"
 
 
 def solver_settings(config: Config, stage: int) -> SolverSettings:
@@ -379,4 +414,4 @@ def solver_settings(config: Config, stage: int) -> SolverSettings:
     snapshot = p[f"STAGE{stage}_SNAPSHOT_ITERS"] or config.TRAIN.SNAPSHOT_ITERS
     return SolverSettings(iters=p[f"STAGE{stage}_ITERS"], lr=p[f"STAGE{stage}_LR"],
                           stepsize=p[f"STAGE{stage}_STEPSIZE"], gamma=p.GAMMA, momentum=p.MOMENTUM,
-                          weight_decay=p.WEIGHT_DECAY, snapshot_iters=snapshot)
+                          weight_decay=p.WEIGHT_DECAY, snapshot_iters=snapshot, iter_size=p.ITER_SIZE, amp=p.AMP)

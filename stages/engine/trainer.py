@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .artifacts import FAULT_ENV, atomic_path, atomic_write_text, parse_fault
+from .config import SolverSettings
 from .distributed import SINGLE, DistContext, wrap_loss
 from .errors import Interrupted, NonFiniteLossError, SnapshotMismatchError
 from .lock import defer_interrupts, raise_if_interrupted
@@ -172,17 +173,25 @@ def load_snapshot(path: Path, iteration: int) -> dict[str, Any]:
     return state
 
 
-def newest_valid_snapshot(out_dir: str | Path, max_iteration: int,
-                          echo: Callable[[str], None] = print) -> dict[str, Any] | None:
-    """The newest snapshot that loads and is at most `max_iteration`; corrupt ones are reported and skipped."""
+def newest_valid_snapshot(out_dir: str | Path, max_iteration: int, echo: Callable[[str], None] = print,
+                          fingerprint: str = "") -> dict[str, Any] | None:
+    """The newest snapshot that loads, is at most `max_iteration` and belongs to the run of `fingerprint`;
+    corrupt and foreign ones are reported and skipped."""
     for iteration, path in list_snapshots(out_dir):
         if iteration > max_iteration:
             echo(f"ignoring snapshot {path.name}: beyond the {max_iteration} iterations asked for")
             continue
         try:
-            return load_snapshot(path, iteration)
+            state = load_snapshot(path, iteration)
         except ValueError as err:
             echo(f"skipping {err}")
+            continue
+        written_for = state.get("fingerprint")
+        if written_for != fingerprint:
+            echo(f"ignoring snapshot {path.name}: it belongs to another run (fingerprint "
+                 f"{str(written_for or 'none')[:12]}, this run {fingerprint[:12] or 'none'}); not resuming from it")
+            continue
+        return state
     return None
 
 
@@ -242,6 +251,7 @@ class _Run:
     device_type: str
     dist: DistContext = SINGLE
     iter_size: int = 1
+    fingerprint: str = ""
 
     def rank_state(self) -> dict[str, Any]:
         return {"rng": capture_rng(self.numpy_rngs), "loader": _encode(self.loader.state_dict())}
@@ -254,7 +264,8 @@ class _Run:
             return None
         state = {"iteration": iteration, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), **mine, "world_size": self.dist.world_size}
+                 "scaler": self.scaler.state_dict(), **mine, "world_size": self.dist.world_size,
+                 "fingerprint": self.fingerprint}
         if self.dist.enabled:
             state["ranks"] = ranks
         return state
@@ -325,30 +336,42 @@ def _finished_earlier(model: torch.nn.Module, out_dir: Path, iters: int, is_main
     return True
 
 
-def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, *, iters: int, lr: float,
-               stepsize: int, gamma: float, momentum: float, weight_decay: float, snapshot_iters: int,
-               out_dir: str | Path, param_groups: Iterable[Any] | None = None,
+@dataclass
+class Reporter:
+    """Where the loop reports: one-line messages (`echo`, prefixed by the caller), the log.jsonl interval, the
+    progress bar (None: only on a terminal) and `on_snapshot(k, N)`, called after each snapshot is written."""
+    label: str = "train"
+    echo: Callable[[str], None] = print
+    log_every: int = 1
+    progress_bar: bool | None = None
+    on_snapshot: Callable[[int, int], None] | None = None
+
+
+def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, solver: SolverSettings,
+               out_dir: str | Path, *, param_groups: Iterable[Any] | None = None,
                numpy_rngs: Mapping[str, np.random.Generator] | None = None,
                checkpoint_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
-               amp: str = "off", iter_size: int = 1, dist: DistContext = SINGLE, log_every: int = 1,
-               progress: bool | None = None, progress_callback: Callable[[int, int], None] | None = None,
-               label: str = "train", echo: Callable[[str], None] = print) -> TrainResult:
-    """Train `model` for `iters` iterations (resuming from out_dir/snapshots when a valid snapshot exists).
+               dist: DistContext = SINGLE, reporter: Reporter | None = None, fingerprint: str = "") -> TrainResult:
+    """Train `model` for `solver.iters` iterations (resuming from out_dir/snapshots when a valid snapshot of the
+    same `fingerprint` exists; a snapshot of another run is reported and never resumed).
 
-    Each iteration: `iter_size` micro-batches (Caffe's iter_size), each batch = next(loader) and losses =
+    Each iteration: `solver.iter_size` micro-batches (Caffe's iter_size), each batch = next(loader) and losses =
     loss_fn(model, batch) (a dict of scalar tensors, summed, divided by iter_size, backward: the gradients
     accumulate); then one SGD step (momentum, weight decay, lr = step_lr(lr, gamma, stepsize, k-1) for
     iteration k). Under torchrun (`dist`) DDP averages the gradients over the ranks as well.
     A snapshot is written after iteration k when k % snapshot_iters == 0 (0: never) and k < iters; the final
     weights go to out_dir/model.pt as checkpoint_fn(model) (default {"model": state_dict}; the weights under
     "model" or "state_dict") plus "iteration".
-    `param_groups` defaults to model.parameters(); see `make_optimizer`. `amp` ("off", "fp16", "bf16") runs
-    loss_fn under torch.autocast, with a GradScaler (kept in the snapshots) for fp16; an fp16 step the scaler
+    `param_groups` defaults to model.parameters(); see `make_optimizer`. `solver.amp` ("off", "fp16", "bf16")
+    runs loss_fn under torch.autocast, with a GradScaler (kept in the snapshots) for fp16; an fp16 step the scaler
     skips still counts as an iteration. The caller seeds the RNGs and builds `model` identically on every
     call: a resumed call then overwrites it from the snapshot.
     Raises NonFiniteLossError at the first NaN/inf loss (of any rank; no update is applied; snapshots are kept),
     SnapshotMismatchError when the newest snapshot was written by another world size.
     """
+    reporter = reporter or Reporter()
+    iters, stepsize, iter_size, label = solver.iters, solver.stepsize, solver.iter_size, reporter.label
+    echo = reporter.echo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if iters <= 0 or stepsize <= 0 or iter_size <= 0:
@@ -359,36 +382,38 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, *, 
         echo(f"{FINAL_MODEL} already holds all {iters} iterations")
         return TrainResult(out_dir / FINAL_MODEL, iters, iters)
     optimizer = make_optimizer(param_groups if param_groups is not None else model.parameters(),
-                               lr, momentum, weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stepsize, gamma=gamma)
+                               solver.lr, solver.momentum, solver.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=stepsize, gamma=solver.gamma)
+    amp = solver.amp
     if amp not in AMP_DTYPES:
         raise ValueError(f"{label}: amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
     run = _Run(model, optimizer, scheduler, loader, numpy_rngs, scaler, AMP_DTYPES[amp], device_type, dist,
-               iter_size)
+               iter_size, fingerprint)
     start = 0
-    snapshot = _agreed_snapshot(out_dir, iters, dist, echo)
+    snapshot = _agreed_snapshot(out_dir, iters, dist, echo, fingerprint)
     if snapshot is not None:
         run.restore(snapshot, snapshot_path(out_dir, snapshot["iteration"]).name)
         start = snapshot["iteration"]
         echo(f"resuming from snapshot iteration {start}/{iters}")
     if dist.is_main:
         _truncate_log(out_dir / LOG_NAME, start)
-    if progress_callback and dist.is_main:
-        progress_callback(start, iters)
-    return _iterate(run, loss_fn, start, iters, snapshot_iters, out_dir, checkpoint_fn, log_every,
-                    progress if dist.is_main else False, progress_callback if dist.is_main else None, label)
+    if reporter.on_snapshot and dist.is_main:
+        reporter.on_snapshot(start, iters)
+    return _iterate(run, loss_fn, start, iters, solver.snapshot_iters, out_dir, checkpoint_fn, reporter.log_every,
+                    reporter.progress_bar if dist.is_main else False, reporter.on_snapshot if dist.is_main else None,
+                    label)
 
 
 def _silent(message: str) -> None:
     """The echo of ranks other than 0: they would repeat rank 0's messages."""
 
 
-def _agreed_snapshot(out_dir: Path, iters: int, dist: DistContext,
-                     echo: Callable[[str], None]) -> dict[str, Any] | None:
+def _agreed_snapshot(out_dir: Path, iters: int, dist: DistContext, echo: Callable[[str], None],
+                     fingerprint: str) -> dict[str, Any] | None:
     """The newest valid snapshot, chosen by rank 0 and loaded by every rank from the shared output folder."""
-    snapshot = newest_valid_snapshot(out_dir, iters, echo) if dist.is_main else None
+    snapshot = newest_valid_snapshot(out_dir, iters, echo, fingerprint) if dist.is_main else None
     iteration = dist.broadcast(None if snapshot is None else snapshot["iteration"])
     if iteration is None or dist.is_main:
         return snapshot

@@ -6,8 +6,8 @@ annotation file's bytes, the sha256 of every image file's bytes, and the options
 same :func:`content_digest`.
 
 Hashing every image on every ``status`` is too slow for VOC-sized data, so sha256s go through a
-:class:`StatCache` (DVC's "state"): a file whose (size, mtime_ns, inode) match the cached entry for its resolved
-path is not read again. A file modified less than ``racy_window_ns`` before it was hashed is not cached (git's
+:class:`StatCache` (DVC's "state"): a file whose (size, mtime_ns, inode, ctime_ns) match the cached entry for its
+resolved path is not read again (the ctime catches an in-place edit that restored the mtime). A file modified less than ``racy_window_ns`` before it was hashed is not cached (git's
 "racily clean" problem: a second write in the same timestamp tick would keep size and mtime), so it is hashed
 again next time.
 
@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -87,7 +88,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class StatCache:
-    """A persistent map (resolved path, size, mtime_ns, inode) -> sha256, kept in one JSON file.
+    """A persistent map (resolved path, size, mtime_ns, inode, ctime_ns) -> sha256, kept in one JSON file.
 
     The file is read on first use and written by :meth:`save` only when an entry was added or changed, to a
     temporary name renamed into place. A missing, damaged or foreign file is ignored (the cache starts empty);
@@ -113,17 +114,17 @@ class StatCache:
         self.n_threads = n_threads if n_threads is not None else min(8, 2 * _usable_cpus())
         self.files_hashed = 0
         self.files_statted = 0
-        self._entries: dict[str, tuple[int, int, int, str]] | None = None
+        self._entries: dict[str, tuple[int, int, int, int, str]] | None = None
         self._used: set[str] = set()
         self._dirty = False
 
     # ------------------------------------------------------------------ persistence
-    def _load(self) -> dict[str, tuple[int, int, int, str]]:
+    def _load(self) -> dict[str, tuple[int, int, int, int, str]]:
         if self._entries is None:
             self._entries = self._read_file()
         return self._entries
 
-    def _read_file(self) -> dict[str, tuple[int, int, int, str]]:
+    def _read_file(self) -> dict[str, tuple[int, int, int, int, str]]:
         try:
             doc = json.loads(self.path.read_bytes())
         except (OSError, ValueError):
@@ -133,9 +134,9 @@ class StatCache:
             return {}
         entries = {}
         for key, value in doc["entries"].items():
-            if (isinstance(value, list) and len(value) == 4 and all(type(v) is int for v in value[:3])
-                    and isinstance(value[3], str) and _HEX64.fullmatch(value[3])):
-                entries[key] = (value[0], value[1], value[2], value[3])
+            if (isinstance(value, list) and len(value) == 5 and all(type(v) is int for v in value[:4])
+                    and isinstance(value[4], str) and _HEX64.fullmatch(value[4])):
+                entries[key] = tuple(value)
         return entries
 
     def save(self) -> bool:
@@ -189,9 +190,11 @@ class StatCache:
                 st = os.stat(path)
             except OSError as exc:
                 raise self._error(path, labels, i, exc) from None
+            if not stat.S_ISREG(st.st_mode):
+                raise self._error(path, labels, i, None)
             entry = entries.get(key)
-            if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns and entry[2] == st.st_ino:
-                digests.append(entry[3])
+            if entry is not None and entry[:4] == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns):
+                digests.append(entry[4])
             else:
                 digests.append(None)
                 todo.append(i)
@@ -199,7 +202,7 @@ class StatCache:
         self._used.update(keys)
         for i, (digest, st) in zip(todo, self._hash_all([os.fspath(paths[i]) for i in todo], labels, todo)):
             digests[i] = digest
-            stamp = (st.st_size, st.st_mtime_ns, st.st_ino, digest)
+            stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest)
             if st.st_mtime_ns < now - self.racy_window_ns:
                 if entries.get(keys[i]) != stamp:
                     entries[keys[i]] = stamp
@@ -231,9 +234,11 @@ class StatCache:
         return results
 
     @staticmethod
-    def _error(path: str, labels, i: int, exc: OSError) -> DataError:
+    def _error(path: str, labels, i: int, exc: OSError | None) -> DataError:
         label = labels[i] if labels is not None else "file"
         what, context = (label, "") if isinstance(label, str) else (label[0], f" ({label[1]})")
+        if exc is None:
+            return DataError(path, f"{what} is not a regular file{context}")
         if isinstance(exc, FileNotFoundError):
             return DataError(path, f"{what} not found{context}")
         return DataError(path, f"cannot read {what} ({exc.strerror or exc}){context}")

@@ -201,6 +201,20 @@ def test_a_replaced_file_with_the_same_size_and_mtime_is_found_by_its_inode(voc,
     assert counted == ["im1.xml"]
 
 
+def test_an_in_place_edit_that_restores_the_mtime_is_found_by_its_ctime(voc, tmp_path, counted):
+    before = _listing(voc, tmp_path)
+    xml = voc / "Annotations/im1.xml"
+    edited = xml.read_text().replace("<xmin>11</xmin>", "<xmin>12</xmin>", 1).encode()
+    stat = xml.stat()
+    with open(xml, "r+b") as f:  # same inode, same size
+        f.write(edited)
+    os.utime(xml, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # rsync -t, tar -x, cp -p all restore it
+    assert xml.stat().st_ino == stat.st_ino and xml.stat().st_size == stat.st_size
+    counted.clear()
+    assert describe_content_change(before, _listing(voc, tmp_path)) == "1 annotation"
+    assert counted == ["im1.xml"]
+
+
 def test_a_file_hashed_right_after_a_write_is_not_trusted(tmp_path, counted):
     """git's racy-clean case: a second same-size write in the same timestamp tick must not be missed."""
     path = tmp_path / "f.bin"
@@ -219,7 +233,7 @@ def test_a_file_hashed_right_after_a_write_is_not_trusted(tmp_path, counted):
     b'{"format": "frcnn-stat-cache", "version": 1, "entries": {',  # cut short by a crash
     b'["a", "foreign", "json", "file"]',
     b'{"format": "frcnn-stat-cache", "version": 99, "entries": {}}',
-    b'{"format": "frcnn-stat-cache", "version": 1, "entries": {"/x": [1, 2, "3", "nothex"], "/y": 7}}',
+    b'{"format": "frcnn-stat-cache", "version": 1, "entries": {"/x": [1, 2, "3", 4, "nothex"], "/y": 7}}',
 ])
 def test_a_damaged_cache_file_is_ignored_and_rebuilt(voc, tmp_path, counted, damage):
     expected = _listing(voc, tmp_path)
@@ -236,7 +250,7 @@ def test_a_poisoned_entry_is_not_believed_when_the_stat_differs(voc, tmp_path):
     path = tmp_path / "cache" / "stat_cache.json"
     doc = json.loads(path.read_bytes())
     key = next(k for k in doc["entries"] if k.endswith("im1.jpg"))
-    doc["entries"][key] = [doc["entries"][key][0] + 1, *doc["entries"][key][1:3], "0" * 64]
+    doc["entries"][key] = [doc["entries"][key][0] + 1, *doc["entries"][key][1:4], "0" * 64]
     path.write_text(json.dumps(doc))
     assert _listing(voc, tmp_path) == expected
 
@@ -303,7 +317,14 @@ def test_a_missing_file_is_a_one_line_data_error(voc, tmp_path, missing, needles
 def test_an_unreadable_file_is_a_data_error(voc, tmp_path):
     (voc / "JPEGImages/im2.jpg").unlink()
     (voc / "JPEGImages/im2.jpg").mkdir()
-    with pytest.raises(DataError, match="cannot read image file"):
+    with pytest.raises(DataError, match="im2.jpg: image file is not a regular file"):
+        _listing(voc, tmp_path)
+    (voc / "JPEGImages/im2.jpg").rmdir()
+    (voc / "JPEGImages/im2.jpg").write_bytes(b"x")
+    (voc / "JPEGImages/im2.jpg").chmod(0)
+    if os.access(voc / "JPEGImages/im2.jpg", os.R_OK):
+        return  # root reads anything
+    with pytest.raises(DataError, match="im2.jpg: cannot read image file"):
         _listing(voc, tmp_path)
 
 

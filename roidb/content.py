@@ -144,15 +144,14 @@ class StatCache:
         if not self._dirty or self._entries is None:
             return False
         entries = self._entries
-        keys = [k for k in entries if k not in self._used] + [k for k in entries if k in self._used]
-        keys = keys[max(0, len(keys) - self.max_entries):]
-        doc = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION,
-               "entries": {k: list(entries[k]) for k in keys}}
+        if len(entries) > self.max_entries:
+            keys = [k for k in entries if k not in self._used] + [k for k in entries if k in self._used]
+            entries = self._entries = {k: entries[k] for k in keys[len(keys) - self.max_entries:]}
+        doc = {"format": _CACHE_FORMAT, "version": _CACHE_VERSION, "entries": entries}
         try:
             _atomic_write(self.path, json.dumps(doc, separators=(",", ":")).encode())
         except OSError:
             return False
-        self._entries = {k: entries[k] for k in keys}
         self._dirty = False
         return True
 
@@ -180,11 +179,11 @@ class StatCache:
         keys, digests, todo = [], [], []
         for i, path in enumerate(paths):
             path = os.fspath(path)
-            head, tail = os.path.split(os.path.abspath(path))
+            head, _, tail = (path if os.path.isabs(path) else os.path.abspath(path)).rpartition(os.sep)
             real = dirs.get(head)
             if real is None:
-                real = dirs[head] = os.path.realpath(head)
-            key = os.path.join(real, tail)
+                real = dirs[head] = os.path.join(os.path.realpath(head or os.sep), "")
+            key = real + tail
             keys.append(key)
             try:
                 st = os.stat(path)

@@ -242,13 +242,13 @@ class PascalVoc(Imdb):
         options = {"format": "pascal_voc", "parser_version": PARSER_VERSION, "classes": list(self.classes),
                    "use_diff": bool(self.config["use_diff"])}
         base = os.path.abspath(self._data_path)
-        xml_dir, jpeg_dir = os.path.join(base, "Annotations"), os.path.join(base, "JPEGImages")
+        xml_dir, jpeg_dir = os.path.join(base, "Annotations", ""), os.path.join(base, "JPEGImages", "")
         with_xml = self.annotation_path(self._image_set_ids[0]).is_file()
         entries = []
         for index in self._image_set_ids:
             if with_xml:
-                entries.append(("annotation", index, os.path.join(xml_dir, index + ".xml")))
-            entries.append(("image", index, os.path.join(jpeg_dir, index + self._image_ext)))
+                entries.append(("annotation", index, f"{xml_dir}{index}.xml"))
+            entries.append(("image", index, f"{jpeg_dir}{index}{self._image_ext}"))
         return options, entries
 
     def _load_gt_roidb(self) -> tuple[list[dict], np.ndarray]:

@@ -7,9 +7,9 @@ same :func:`content_digest`.
 
 Hashing every image on every ``status`` is too slow for VOC-sized data, so sha256s go through a
 :class:`StatCache` (DVC's "state"): a file whose (size, mtime_ns, inode, ctime_ns) match the cached entry for its
-resolved path is not read again (the ctime catches an in-place edit that restored the mtime). A file modified less than ``racy_window_ns`` before it was hashed is not cached (git's
-"racily clean" problem: a second write in the same timestamp tick would keep size and mtime), so it is hashed
-again next time.
+resolved path is not read again (the ctime catches an in-place edit that restored the mtime). A file modified
+less than ``racy_window_ns`` before it was hashed is not cached (git's "racily clean" problem: a second write
+in the same timestamp tick would keep size and mtime), so it is hashed again next time.
 
 Typical use (what ``status`` does)::
 
@@ -127,7 +127,7 @@ class StatCache:
     def _read_file(self) -> dict[str, tuple[int, int, int, int, str]]:
         try:
             doc = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         if not (isinstance(doc, dict) and doc.get("format") == _CACHE_FORMAT and doc.get("version") == _CACHE_VERSION
                 and isinstance(doc.get("entries"), dict)):

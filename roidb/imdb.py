@@ -11,8 +11,8 @@ A roidb is a list with one dict per image (see docs/architecture.md)::
     flipped      bool
 
 Unlike py-faster-rcnn, the gt cache is keyed by the imdb's content digest (:mod:`roidb.content`: image-set ids,
-annotation and image bytes, class list and parse options; so no stale caches), boxes are never uint16 (no 65535 wrap-around), and proposal pickles load through
-:mod:`roidb.safe_pickle`.
+annotation and image bytes, class list and parse options; so no stale caches), boxes are never uint16 (no 65535
+wrap-around), and proposal pickles load through :mod:`roidb.safe_pickle`.
 """
 from __future__ import annotations
 

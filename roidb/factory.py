@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from roidb.content import StatCache
 from roidb.errors import DataError
 from roidb.imdb import Imdb, default_data_root
 from roidb.pascal_voc import PascalVoc
@@ -42,7 +43,7 @@ def _vocfmt_name(path: Path, split: str) -> str:
 
 def get_imdb(name: str, *, data_root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
              use_diff: bool = False, classes: Sequence[str] | None = None, use_07_metric: bool | None = None,
-             shapes_seed: int | None = None, n_jobs: int = 2) -> Imdb:
+             shapes_seed: int | None = None, n_jobs: int = 2, stat_cache: StatCache | None = None) -> Imdb:
     """The imdb called ``name`` (see the module docstring).
 
     Args:
@@ -52,12 +53,13 @@ def get_imdb(name: str, *, data_root: str | os.PathLike | None = None, cache_dir
         classes: class names for ``vocfmt:`` data (default the 20 VOC classes); not allowed for the others.
         use_07_metric: force the VOC07 metric (default: year < 2010; ``vocfmt:`` data uses area under the curve).
         shapes_seed, n_jobs: seed and worker count for generating the shapes set (defaults: its standard seed).
+        stat_cache: the file-hash cache of the imdb's content digest (default ``<cache>/stat_cache.json``).
     Raises:
         DataError: unknown name (the message lists the known ones) or missing data.
     """
     root = Path(data_root) if data_root is not None else default_data_root()
     cache = Path(cache_dir) if cache_dir is not None else root / "cache"
-    common = dict(use_diff=use_diff, cache_dir=cache, use_07_metric=use_07_metric)
+    common = dict(use_diff=use_diff, cache_dir=cache, use_07_metric=use_07_metric, stat_cache=stat_cache)
     if name.startswith("vocfmt:"):
         path_text, sep, split = name[len("vocfmt:"):].rpartition(":")
         if not sep or not path_text or not split:
@@ -80,11 +82,17 @@ def get_imdb(name: str, *, data_root: str | os.PathLike | None = None, cache_dir
 
 
 def get_imdbs(names: str, **options) -> list[Imdb]:
-    """The imdbs of a ``'a+b'`` name, in order, for a combined roidb; they must share one class list."""
+    """The imdbs of a ``'a+b'`` name, in order, for a combined roidb; they must share one class list.
+
+    They share one stat cache (``options['stat_cache']`` or ``<cache>/stat_cache.json``), so
+    ``roidb.content.content_listing(imdbs)`` gives the combined content.
+    """
     parts = [p for p in names.split("+")]
     if any(not p for p in parts):
         raise DataError(names, "empty imdb name in a '+' list")
-    imdbs = [get_imdb(p, **options) for p in parts]
+    imdbs = [get_imdb(parts[0], **options)]
+    options = {**options, "stat_cache": imdbs[0].stat_cache}
+    imdbs += [get_imdb(p, **options) for p in parts[1:]]
     for other in imdbs[1:]:
         if other.classes != imdbs[0].classes:
             raise DataError(names, f"{other.name} and {imdbs[0].name} have different class lists; "

@@ -10,9 +10,9 @@ A roidb is a list with one dict per image (see docs/architecture.md)::
     seg_areas    float32 (N,)    (x2 - x1 + 1) * (y2 - y1 + 1) for GT boxes, 0 for proposals
     flipped      bool
 
-Unlike py-faster-rcnn, the gt cache is keyed by a digest of the annotations and the parse options (no stale
-caches), boxes are never uint16 (no 65535 wrap-around), and proposal pickles load through
-:mod:`roidb.safe_pickle`.
+Unlike py-faster-rcnn, the gt cache is keyed by the imdb's content digest (:mod:`roidb.content`: image-set ids,
+annotation and image bytes, class list and parse options; so no stale caches), boxes are never uint16 (no 65535
+wrap-around), and proposal pickles load through :mod:`roidb.safe_pickle`.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kernels.boxes import bbox_overlaps
+from roidb.content import StatCache, content_digest, content_listing
 from roidb.errors import DataError
 from roidb.safe_pickle import safe_load
 
@@ -149,16 +150,19 @@ def _unpack_roidb(packed: dict) -> list[dict]:
 class Imdb(abc.ABC):
     """An image database: class list, image index, lazily built roidb.
 
-    Subclasses implement :meth:`image_path_from_index`, :meth:`gt_cache_key` and :meth:`_load_gt_roidb`
-    (plus evaluation); the base class caches the gt roidb, flips, loads proposals and merges roidbs.
+    Subclasses implement :meth:`image_path_from_index`, :meth:`content_files` and :meth:`_load_gt_roidb`
+    (plus evaluation); the base class caches the gt roidb (keyed by the content digest), flips, loads
+    proposals and merges roidbs.
 
     Args:
         name: the imdb's name, e.g. ``voc_2007_trainval``; also names its cache files.
         classes: class names, ``'__background__'`` first.
         cache_dir: where the gt roidb cache lives (default ``<repo>/data/cache``).
+        stat_cache: the file-hash cache for :meth:`content_listing` (default ``<cache_dir>/stat_cache.json``).
     """
 
-    def __init__(self, name: str, classes: Sequence[str], cache_dir: str | os.PathLike | None = None):
+    def __init__(self, name: str, classes: Sequence[str], cache_dir: str | os.PathLike | None = None, *,
+                 stat_cache: StatCache | None = None):
         self._name = name
         self._classes = tuple(classes)
         self._image_index: list[str] = []
@@ -166,6 +170,7 @@ class Imdb(abc.ABC):
         self._roidb: list[dict] | None = None
         self._roidb_handler: Callable[[], list[dict]] = self.gt_roidb
         self._cache_dir = Path(cache_dir) if cache_dir is not None else default_data_root() / "cache"
+        self._stat_cache = stat_cache
         self.config: dict = {"rpn_file": None}
 
     # ------------------------------------------------------------------ identity
@@ -242,9 +247,39 @@ class Imdb(abc.ABC):
             self._roidb = self.roidb_handler()
         return self._roidb
 
-    @abc.abstractmethod
+    # ------------------------------------------------------------------ content
+    @property
+    def stat_cache(self) -> StatCache:
+        """The :class:`~roidb.content.StatCache` used for this imdb's file hashes (``<cache_dir>/stat_cache.json``)."""
+        if self._stat_cache is None:
+            self._stat_cache = StatCache(self._cache_dir / "stat_cache.json")
+        return self._stat_cache
+
+    def content_files(self) -> tuple[dict, list[tuple[str, str, str]]]:
+        """What the roidb and the images are made of: ``(options, entries)``.
+
+        ``options``: a JSON-able dict of everything other than file bytes that changes the roidb: ``classes``
+        (required) and the parse options (e.g. ``use_diff``, the parser version); never a path, nor a name
+        that embeds one. ``entries``: ``(kind, image_id, absolute_path)`` in image-set order, ``kind`` being
+        ``"annotation"`` or ``"image"``; one ``"image"`` entry per image (an un-flipped image set), annotation
+        entries per image or one dataset-wide entry with image id ``""`` (a COCO JSON). Nothing is opened.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not list its content files")
+
+    def content_source(self) -> str:
+        """Where the image ids come from, for error messages (the image-set file of a VOC split)."""
+        return f"the image set of {self.name}"
+
+    def content_listing(self, stat_cache: StatCache | None = None) -> dict:
+        """:func:`roidb.content.content_listing` of this imdb (ids, per-file sha256, options; no path)."""
+        return content_listing(self, stat_cache if stat_cache is not None else self.stat_cache)
+
     def gt_cache_key(self) -> str:
-        """Hex digest of everything the gt roidb depends on (annotation contents, image files, options)."""
+        """The content digest (image-set ids, annotation and image bytes, classes, parse options): the gt cache key.
+
+        With a warm stat cache this stats every listed file and reads none.
+        """
+        return content_digest(self.content_listing())
 
     @abc.abstractmethod
     def _load_gt_roidb(self) -> tuple[list[dict], np.ndarray]:

@@ -9,7 +9,6 @@ warning that counts such boxes; nothing wraps around.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import uuid
@@ -20,8 +19,9 @@ from typing import Sequence
 import numpy as np
 from lxml import etree
 
+from roidb.content import StatCache
 from roidb.errors import DataError
-from roidb.imdb import Imdb, atomic_write_bytes, default_data_root, file_digest_update, read_image_size
+from roidb.imdb import Imdb, atomic_write_bytes, default_data_root, read_image_size
 
 __all__ = ["PascalVoc", "pascal_voc", "VOC_CLASSES", "parse_voc_annotation", "normalize_classes"]
 
@@ -142,15 +142,17 @@ class PascalVoc(Imdb):
         data_path: the folder holding JPEGImages/Annotations/ImageSets (default ``<devkit_path>/VOC<year>``).
         name: the imdb name (default ``voc_<year>_<image_set>``).
         use_07_metric: force the VOC07 metric on or off (default: year < 2010).
+        stat_cache: the file-hash cache for the content digest (default ``<cache_dir>/stat_cache.json``).
     """
 
     def __init__(self, image_set: str, year: str | int, devkit_path: str | os.PathLike | None = None, *,
                  classes: Sequence[str] | None = None, use_diff: bool = False,
                  cache_dir: str | os.PathLike | None = None, data_path: str | os.PathLike | None = None,
-                 name: str | None = None, use_07_metric: bool | None = None):
+                 name: str | None = None, use_07_metric: bool | None = None, stat_cache: StatCache | None = None):
         self._year = str(year)
         self._image_set = image_set
-        super().__init__(name or f"voc_{self._year}_{image_set}", normalize_classes(classes), cache_dir)
+        super().__init__(name or f"voc_{self._year}_{image_set}", normalize_classes(classes), cache_dir,
+                         stat_cache=stat_cache)
         self._devkit_path = Path(devkit_path) if devkit_path is not None else default_data_root() / f"VOCdevkit{year}"
         self._data_path = Path(data_path) if data_path is not None else self._devkit_path / f"VOC{self._year}"
         self._class_to_ind = {c: i for i, c in enumerate(self.classes)}
@@ -158,10 +160,10 @@ class PascalVoc(Imdb):
         self._use_07_metric = use_07_metric
         self._salt = str(uuid.uuid4())
         self._comp_id = "comp4"
-        self._xml_bytes: dict[str, list[bytes]] = {}
         self.config.update({"cleanup": True, "use_salt": True, "use_diff": bool(use_diff)})
         self._check_layout()
         self._image_index = self._load_image_set_index()
+        self._image_set_ids = tuple(self._image_index)
 
     @property
     def data_path(self) -> Path:
@@ -231,30 +233,26 @@ class PascalVoc(Imdb):
                 raise DataError(path, f"cannot read annotation file ({exc.strerror or exc})") from None
         return out
 
-    def gt_cache_key(self) -> str:
-        """sha256 of the parser version, options, image-set ids, every XML's bytes and every JPEG's size+mtime."""
-        xml = self._read_annotations()
-        h = hashlib.sha256()
-        file_digest_update(h, "options", repr((PARSER_VERSION, self.name, self.classes,
-                                               self.config["use_diff"])).encode())
-        jpeg_dir = os.fspath(self._data_path / "JPEGImages")
-        for index, data in zip(self._image_index, xml):
-            file_digest_update(h, index, data)
-            jpeg = os.path.join(jpeg_dir, index + self._image_ext)
-            try:
-                st = os.stat(jpeg)
-            except FileNotFoundError:
-                raise DataError(jpeg, f"image not found (listed in {self.image_set_file()})") from None
-            if st.st_size == 0:
-                raise DataError(jpeg, "empty image file (0 bytes)")
-            file_digest_update(h, "jpeg", f"{st.st_size}:{st.st_mtime_ns}".encode())
-        key = h.hexdigest()
-        self._xml_bytes = {key: xml}
-        return key
+    def content_source(self) -> str:
+        return str(self.image_set_file())
+
+    def content_files(self) -> tuple[dict, list[tuple[str, str, str]]]:
+        """Options (classes, use_diff, parser version) and, per image-set id, its XML (if the split has
+        annotations) and its JPEG. The gt roidb is the parse of exactly these bytes under these options."""
+        options = {"format": "pascal_voc", "parser_version": PARSER_VERSION, "classes": list(self.classes),
+                   "use_diff": bool(self.config["use_diff"])}
+        base = os.path.abspath(self._data_path)
+        xml_dir, jpeg_dir = os.path.join(base, "Annotations", ""), os.path.join(base, "JPEGImages", "")
+        with_xml = self.annotation_path(self._image_set_ids[0]).is_file()
+        entries = []
+        for index in self._image_set_ids:
+            if with_xml:
+                entries.append(("annotation", index, f"{xml_dir}{index}.xml"))
+            entries.append(("image", index, f"{jpeg_dir}{index}{self._image_ext}"))
+        return options, entries
 
     def _load_gt_roidb(self) -> tuple[list[dict], np.ndarray]:
-        xml = next(iter(self._xml_bytes.values()), None) or self._read_annotations()
-        self._xml_bytes = {}
+        xml = self._read_annotations()
         roidb, sizes, clamped = [], [], 0
         use_diff = self.config["use_diff"]
         for index, data in zip(self._image_index, xml):

@@ -10,6 +10,14 @@ is truncated to half, then the process is killed). Then `run` again, and check: 
 run's lock and released its own; every output named in a manifest exists with its sha256; no temporary is left;
 the final M4 (and every other output) is bit-identical to the reference. Kills are counted against the step that
 was running when the process died (the first one not done). Prints one table row per step.
+
+    python bench/kill_campaign.py --rerun-changed [--kills-per-step 5]
+
+The same against re-runs: every step done, then `run` with one setting changed that the aimed step reads (its lr,
+TEST.RPN_NMS_THRESH, TEST.NMS), killed at a random moment of the aimed step (or, for a training step, stopped by a
+NaN loss at a random iteration: FRCNN_FAULT=nan:<step>:<k>); then `run` with the ORIGINAL config. Recovered means:
+it exits 0 and retrains nothing (the finished versions come back from the run cache), and every output is
+bit-identical to the reference.
 """
 from __future__ import annotations
 
@@ -35,6 +43,12 @@ WRITES = {"stage1": TRAIN_WRITES, "stage2": TRAIN_WRITES, "stage3": TRAIN_WRITES
           "eval": [("manifest.json", 2), ("detections.pkl", 1), ("aps.json", 1), ("results/*_pr.pkl", 6)]}
 
 
+# The setting changed for a re-run aimed at each step (the step and those after it re-run).
+CHANGES = {"stage1": ("PIPELINE.STAGE1_LR", "0.02"), "p1": ("TEST.RPN_NMS_THRESH", "0.6"),
+           "stage2": ("PIPELINE.STAGE2_LR", "0.02"), "stage3": ("PIPELINE.STAGE3_LR", "0.02"),
+           "p2": ("TEST.RPN_NMS_THRESH", "0.6"), "stage4": ("PIPELINE.STAGE4_LR", "0.02"), "eval": ("TEST.NMS", "0.4")}
+
+
 def running_step(ws: Workspace) -> str | None:
     """The first step that is not done: the one the kill hit (its manifest running, or not yet written)."""
     for step in STEPS:
@@ -44,33 +58,50 @@ def running_step(ws: Workspace) -> str | None:
     return None
 
 
-def kill_once(ws: Workspace, step: str, durations: dict[str, float], rng: random.Random) -> dict:
-    """One kill aimed at `step` and the recovery run; returns what was observed."""
+def _running(ws: Workspace, step: str) -> bool:
+    try:
+        return manifest(ws.exp, step).get("status") == "running"
+    except (OSError, ValueError):
+        return False
+
+
+def kill_once(ws: Workspace, step: str, durations: dict[str, float], rng: random.Random,
+              rerun_changed: bool = False) -> dict:
+    """One kill aimed at `step` and the recovery run; returns what was observed. With `rerun_changed` the kill
+    hits a re-run with a changed setting, and the recovery run uses the original config."""
     ws.reset()
-    remove_steps(ws.exp, step)
-    if rng.random() < 0.5:
+    overrides = dict([CHANGES[step]]) if rerun_changed else {}
+    if not rerun_changed:
+        remove_steps(ws.exp, step)
+    expected_rc = -signal.SIGKILL
+    choice = rng.random()
+    if rerun_changed and step.startswith("stage") and choice < 0.25:
+        k = rng.randint(1, 4)
+        how, expected_rc = f"nan at iteration {k}", 2
+        proc = ws.popen("run", fault=f"nan:{step}:{k}", **overrides)
+    elif choice < 0.5 + (0.25 if rerun_changed and step.startswith("stage") else 0):
         name, most = rng.choice(WRITES[step])
         n = rng.randint(1, most)
         how = f"write {name}#{n}"
-        proc = ws.popen("run", fault=f"kill:{step}/{name}:{n}")
+        proc = ws.popen("run", fault=f"kill:{step}/{name}:{n}", **overrides)
     else:
         delay = rng.uniform(0.0, durations[step])
         how = f"timed {delay:.2f}s"
-        proc = ws.popen("run")
-        started = ws.exp / step / "manifest.json"
-        while not started.exists() and proc.poll() is None:
+        proc = ws.popen("run", **overrides)
+        while not _running(ws, step) and proc.poll() is None:
             time.sleep(0.01)
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=600)
-    hit = running_step(ws) if proc.returncode == -signal.SIGKILL else None
+    hit = running_step(ws) if proc.returncode == expected_rc else None
     torn = manifest_problems(ws.exp)
     lock_left = (ws.exp / LOCK_NAME).exists()
     rerun = ws.run("run", timeout=900)
     recovered = (rerun.returncode == 0 and not manifest_problems(ws.exp) and not (ws.exp / LOCK_NAME).exists()
                  and (not lock_left or "taking over the stale lock" in rerun.stdout)
-                 and not list(ws.exp.rglob("*.tmp")))
+                 and not list(ws.exp.rglob("*.tmp"))
+                 and (not rerun_changed or ": running (" not in rerun.stdout))
     identical = recovered and sha256_file(ws.exp / "stage4" / "model.pt") == ws.m4_sha()
     all_identical = recovered and not ws.outputs_match_baseline()
     return {"aimed": step, "hit": hit, "how": how, "torn_before_rerun": torn, "recovered": recovered,
@@ -83,6 +114,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--max-rounds", type=int, default=4, help="attempts per wanted kill before giving up")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="kill re-runs with a changed setting, then recover with the original config")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="kill_campaign_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -99,7 +132,7 @@ def main() -> int:
         while (sum(r["hit"] == step for r in results) < args.kills_per_step
                and attempts < args.kills_per_step * args.max_rounds):
             attempts += 1
-            result = kill_once(ws, step, durations, rng)
+            result = kill_once(ws, step, durations, rng, args.rerun_changed)
             results.append(result)
             print(f"  aimed {step:6s} hit {result['hit'] or '-':6s} {result['how']:28s} rc {result['rc']:4d} "
                   f"recovered {result['recovered']} identical M4 {result['identical_m4']}"

@@ -29,7 +29,8 @@ from .engine.config import Config
 from .engine.distributed import SINGLE, DistContext, shard
 from .engine.errors import ConfigError
 from .engine.lock import raise_if_interrupted
-from .settings import load_imdb, load_stage_model, pixel_means
+from .settings import (load_imdb, load_stage_model, postprocess_settings, test_image_settings,
+                       test_rpn_settings)
 from .engine.progress import ProgressBar
 from .proposals import read_image, write_pickle
 from .engine.runner import StepContext, StepResult
@@ -53,14 +54,12 @@ def detect_image(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.
 
     Without TEST.BBOX_REG the boxes are the RPN's RoIs, repeated for every class (py-faster-rcnn's tiling).
     """
-    t = config.TEST
-    rpn = {"pre_nms_top_n": t.RPN_PRE_NMS_TOP_N, "post_nms_top_n": t.RPN_POST_NMS_TOP_N,
-           "nms_thresh": t.RPN_NMS_THRESH, "min_size": t.RPN_MIN_SIZE}
-    means = tuple(float(v) for v in pixel_means(config).ravel())
-    if t.BBOX_REG:
-        return im_detect(model, im, scales=list(t.SCALES), max_size=t.MAX_SIZE, pixel_means=means, **rpn)
+    rpn, image = test_rpn_settings(config), test_image_settings(config)
+    if config.TEST.BBOX_REG:
+        return im_detect(model, im, scales=[image["scale"]], max_size=image["max_size"],
+                         pixel_means=image["pixel_means"], **rpn)
     model.eval()
-    data, scale = prep_image(im, scale=t.SCALES[0], max_size=t.MAX_SIZE, pixel_means=means)
+    data, scale = prep_image(im, **image)
     rois, scores, _ = detect_blob(model, data.to(model.device), [data.shape[2], data.shape[3], scale], **rpn)
     boxes = clip_boxes(rois.float() / scale, im.shape[:2]).repeat(1, model.num_classes)
     return scores.float().cpu().numpy(), boxes.cpu().numpy().astype(np.float32)
@@ -82,9 +81,7 @@ def run_detector(detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], 
     for n, i in enumerate(indices):
         raise_if_interrupted()
         scores, boxes = detect(read_image(imdb.image_path_at(i)))
-        dets = postprocess_detections(scores, boxes, thresh=config.get("PIPELINE.DET_THRESH"),
-                                      nms_thresh=config.get("TEST.NMS"),
-                                      max_per_image=config.get("PIPELINE.MAX_PER_IMAGE"))
+        dets = postprocess_detections(scores, boxes, **postprocess_settings(config))
         for j in range(imdb.num_classes):
             all_boxes[j].append(dets[j].astype(np.float32))
         bar.update(n + 1)

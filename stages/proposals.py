@@ -29,15 +29,13 @@ from .engine.artifacts import atomic_write_bytes
 from .engine.config import Config
 from .engine.lock import raise_if_interrupted
 from .engine.distributed import gather_in_order, shard
-from .settings import load_imdb, load_stage_model, pixel_means
+from .settings import load_imdb, load_stage_model, proposal_dump_settings, test_image_settings
 from .engine.progress import ProgressBar
 from .engine.runner import StepContext, StepResult
 
-__all__ = ["PRE_NMS_TOP_N", "POST_NMS_TOP_N", "image_proposals", "imdb_proposals", "proposal_recall",
+__all__ = ["image_proposals", "imdb_proposals", "proposal_recall",
            "write_pickle", "p1", "p2"]
 
-PRE_NMS_TOP_N = -1   # py-faster-rcnn's rpn_generate: no cap before NMS
-POST_NMS_TOP_N = 2000
 RECALL_TOP_N = 300
 PICKLE_PROTOCOL = 2
 
@@ -53,14 +51,9 @@ def read_image(path: str) -> np.ndarray:
 @torch.no_grad()
 def image_proposals(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndarray]:
     """RPN proposals of one BGR image: float32 boxes (N, 4) in original pixels, best first, and scores (N,)."""
-    t = config.TEST
-    if len(t.SCALES) != 1:
-        raise ValueError(f"proposal dumping takes exactly one TEST.SCALES entry, got {list(t.SCALES)}")
-    data, scale = prep_image(im, scale=t.SCALES[0], max_size=t.MAX_SIZE,
-                             pixel_means=tuple(float(v) for v in pixel_means(config).ravel()))
+    data, scale = prep_image(im, **test_image_settings(config))
     im_info = [data.shape[2], data.shape[3], scale]
-    boxes, scores = model.propose(data.to(model.device), im_info, pre_nms_top_n=PRE_NMS_TOP_N,
-                                  post_nms_top_n=POST_NMS_TOP_N, nms_thresh=t.RPN_NMS_THRESH, min_size=t.RPN_MIN_SIZE)
+    boxes, scores = model.propose(data.to(model.device), im_info, **proposal_dump_settings(config))
     boxes = boxes.float().cpu().numpy() / np.float32(scale)
     return boxes.astype(np.float32), scores.float().cpu().numpy().astype(np.float32)
 

@@ -1,13 +1,13 @@
-"""What every step body builds first: its imdb, its model (M0 or a stage's checkpoint), seeded generators.
+"""The one place where config keys become the explicit keyword arguments of `roidb` and `nets`: every step body
+builds its imdb, its model (M0 or a stage's checkpoint), its seeded generators and its layer settings here.
 
-Only this module turns config keys into the explicit arguments of `roidb` and `nets`:
 PIPELINE.TRAIN_IMDB / TEST_IMDB / CLASSES / DATA_ROOT select the imdb, PIPELINE.NET / ANCHOR_SCALES /
 ANCHOR_RATIOS / RNG_SEED build the model, PIXEL_MEANS centres the image blobs (BGR).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,10 @@ from roidb.imdb import Imdb
 from .engine.config import Config, data_root
 from .engine.errors import ConfigError
 
-__all__ = ["pixel_means", "load_imdb", "build_model", "load_stage_model", "torch_generator"]
+__all__ = ["pixel_means", "load_imdb", "build_model", "load_stage_model", "torch_generator",
+           "anchor_target_settings", "blob_settings", "frcn_sampling_settings", "filter_settings",
+           "bbox_target_settings", "loader_settings", "test_image_settings", "proposal_dump_settings",
+           "test_rpn_settings", "postprocess_settings"]
 
 
 def pixel_means(config: Config) -> np.ndarray:
@@ -70,3 +73,82 @@ def load_stage_model(config: Config, path: Path, classes: Sequence[str], device:
 def torch_generator(config: Config) -> torch.Generator:
     """A CPU torch generator seeded with RNG_SEED (head re-initialisation)."""
     return torch.Generator().manual_seed(int(config.get("RNG_SEED")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config -> the keyword arguments of roidb and nets (detectron2's `from_config`): every step body gets its
+# settings here, so the config keys a step depends on are read in one place.
+
+def anchor_target_settings(config: Config) -> dict[str, Any]:
+    """The RPN anchor-target layer's TRAIN.RPN_* keywords (FasterRCNN.rpn_losses)."""
+    t = config.TRAIN
+    return {"rpn_positive_overlap": t.RPN_POSITIVE_OVERLAP, "rpn_negative_overlap": t.RPN_NEGATIVE_OVERLAP,
+            "rpn_clobber_positives": t.RPN_CLOBBER_POSITIVES, "rpn_fg_fraction": t.RPN_FG_FRACTION,
+            "rpn_batchsize": t.RPN_BATCHSIZE, "rpn_bbox_inside_weights": tuple(t.RPN_BBOX_INSIDE_WEIGHTS),
+            "rpn_positive_weight": t.RPN_POSITIVE_WEIGHT}
+
+
+def blob_settings(config: Config, num_classes: int) -> dict[str, Any]:
+    """What every training minibatch needs (roidb.minibatch.get_minibatch): scales, MAX_SIZE, PIXEL_MEANS."""
+    t = config.TRAIN
+    return {"num_classes": num_classes, "scales": list(t.SCALES), "max_size": t.MAX_SIZE,
+            "pixel_means": pixel_means(config)}
+
+
+def frcn_sampling_settings(config: Config) -> dict[str, Any]:
+    """The Fast R-CNN RoI sampler's keywords (roidb.minibatch.get_minibatch with has_rpn=False)."""
+    t = config.TRAIN
+    return {"batch_size": t.BATCH_SIZE, "fg_fraction": t.FG_FRACTION, "fg_thresh": t.FG_THRESH,
+            "bg_thresh_hi": t.BG_THRESH_HI, "bg_thresh_lo": t.BG_THRESH_LO, "bbox_reg": True,
+            "bbox_inside_weights": tuple(t.BBOX_INSIDE_WEIGHTS)}
+
+
+def filter_settings(config: Config) -> dict[str, Any]:
+    """roidb.training.filter_roidb's thresholds."""
+    t = config.TRAIN
+    return {"fg_thresh": t.FG_THRESH, "bg_thresh_hi": t.BG_THRESH_HI, "bg_thresh_lo": t.BG_THRESH_LO}
+
+
+def bbox_target_settings(config: Config) -> dict[str, Any]:
+    """roidb.training.add_bbox_regression_targets' keywords."""
+    t = config.TRAIN
+    return {"bbox_thresh": t.BBOX_THRESH, "normalize_targets": t.BBOX_NORMALIZE_TARGETS,
+            "precomputed": t.BBOX_NORMALIZE_TARGETS_PRECOMPUTED, "means": t.BBOX_NORMALIZE_MEANS,
+            "stds": t.BBOX_NORMALIZE_STDS}
+
+
+def loader_settings(config: Config) -> dict[str, Any]:
+    """roidb.loader.RoIDataLoader's keywords besides the roidb, the batch function and the batch size."""
+    workers = int(config.get("PIPELINE.WORKERS"))
+    return {"aspect_grouping": config.TRAIN.ASPECT_GROUPING, "seed": int(config.get("RNG_SEED")),
+            "num_workers": workers, "prefetch": max(2, 2 * workers),
+            "iter_size": int(config.get("PIPELINE.ITER_SIZE"))}
+
+
+def test_image_settings(config: Config) -> dict[str, Any]:
+    """One test scale: `scale`, `max_size` and `pixel_means` for nets.prep_image (TEST.SCALES must hold one)."""
+    t = config.TEST
+    if len(t.SCALES) != 1:
+        raise ConfigError(f"config key TEST.SCALES must hold exactly one scale, got {list(t.SCALES)}")
+    return {"scale": t.SCALES[0], "max_size": t.MAX_SIZE,
+            "pixel_means": tuple(float(v) for v in pixel_means(config).ravel())}
+
+
+def proposal_dump_settings(config: Config) -> dict[str, Any]:
+    """py-faster-rcnn's rpn_generate overrides for the proposal dumps: no pre-NMS cap, 2000 kept, with TEST's
+    RPN_NMS_THRESH and RPN_MIN_SIZE (FasterRCNN.propose keywords)."""
+    t = config.TEST
+    return {"pre_nms_top_n": -1, "post_nms_top_n": 2000, "nms_thresh": t.RPN_NMS_THRESH, "min_size": t.RPN_MIN_SIZE}
+
+
+def test_rpn_settings(config: Config) -> dict[str, Any]:
+    """The RPN at test time (im_detect): TEST.RPN_PRE_NMS_TOP_N, RPN_POST_NMS_TOP_N, RPN_NMS_THRESH, RPN_MIN_SIZE."""
+    t = config.TEST
+    return {"pre_nms_top_n": t.RPN_PRE_NMS_TOP_N, "post_nms_top_n": t.RPN_POST_NMS_TOP_N,
+            "nms_thresh": t.RPN_NMS_THRESH, "min_size": t.RPN_MIN_SIZE}
+
+
+def postprocess_settings(config: Config) -> dict[str, Any]:
+    """test_net's filtering (nets.postprocess_detections): PIPELINE.DET_THRESH, TEST.NMS, PIPELINE.MAX_PER_IMAGE."""
+    return {"thresh": config.get("PIPELINE.DET_THRESH"), "nms_thresh": config.get("TEST.NMS"),
+            "max_per_image": config.get("PIPELINE.MAX_PER_IMAGE")}

@@ -33,7 +33,8 @@ from roidb.training import add_bbox_regression_targets, filter_roidb, get_traini
 
 from .engine.config import Config
 from .engine.errors import StepFailedError
-from .settings import build_model, load_imdb, load_stage_model, pixel_means, torch_generator
+from .settings import (anchor_target_settings, bbox_target_settings, blob_settings, build_model, filter_settings,
+                       frcn_sampling_settings, load_imdb, load_stage_model, loader_settings, torch_generator)
 from .engine.runner import StepContext, StepResult
 from .engine.trainer import LOG_NAME, read_log
 
@@ -46,8 +47,7 @@ _SEED_BOUND = 2 ** 62
 
 
 def _filter(config: Config, roidb: list[dict]) -> list[dict]:
-    t = config.TRAIN
-    return filter_roidb(roidb, fg_thresh=t.FG_THRESH, bg_thresh_hi=t.BG_THRESH_HI, bg_thresh_lo=t.BG_THRESH_LO)
+    return filter_roidb(roidb, **filter_settings(config))
 
 
 def rpn_roidb_for_training(config: Config, imdb: Imdb) -> list[dict]:
@@ -71,11 +71,9 @@ def frcn_roidb_for_training(config: Config, imdb: Imdb, proposal_file: Path
     imdb.config["rpn_file"] = str(proposal_file)
     imdb.set_proposal_method("rpn")
     roidb = _filter(config, get_training_roidb(imdb, use_flipped=config.get("TRAIN.USE_FLIPPED")))
-    t = config.TRAIN
-    means, stds = add_bbox_regression_targets(
-        roidb, imdb.num_classes, bbox_thresh=t.BBOX_THRESH, normalize_targets=t.BBOX_NORMALIZE_TARGETS,
-        precomputed=t.BBOX_NORMALIZE_TARGETS_PRECOMPUTED, means=t.BBOX_NORMALIZE_MEANS, stds=t.BBOX_NORMALIZE_STDS)
-    if not t.BBOX_NORMALIZE_TARGETS:
+    targets = bbox_target_settings(config)
+    means, stds = add_bbox_regression_targets(roidb, imdb.num_classes, **targets)
+    if not targets["normalize_targets"]:
         means, stds = np.zeros_like(means), np.ones_like(stds)
     return roidb, means, stds
 
@@ -91,21 +89,14 @@ def make_loader(config: Config, roidb: list[dict], num_classes: int, has_rpn: bo
                 world_size: int = 1) -> RoIDataLoader:
     """RoIDataLoader over `roidb`: RPN batches (1 image) or Fast R-CNN batches (2 images, TRAIN.BATCH_SIZE RoIs),
     PIPELINE.ITER_SIZE of them per solver step; under torchrun rank `rank`'s shard of each global batch."""
-    t = config.TRAIN
-    common = {"num_classes": num_classes, "scales": list(t.SCALES), "max_size": t.MAX_SIZE,
-              "pixel_means": pixel_means(config)}
+    common = blob_settings(config, num_classes)
     if has_rpn:
         blob_fn = functools.partial(_rpn_blobs, **common)
     else:
-        blob_fn = functools.partial(
-            get_minibatch, has_rpn=False, batch_size=t.BATCH_SIZE, fg_fraction=t.FG_FRACTION, fg_thresh=t.FG_THRESH,
-            bg_thresh_hi=t.BG_THRESH_HI, bg_thresh_lo=t.BG_THRESH_LO, bbox_reg=True,
-            bbox_inside_weights=tuple(t.BBOX_INSIDE_WEIGHTS), **common)
+        blob_fn = functools.partial(get_minibatch, has_rpn=False, **frcn_sampling_settings(config), **common)
     ims = RPN_IMS_PER_BATCH if has_rpn else FRCN_IMS_PER_BATCH
-    workers = int(config.get("PIPELINE.WORKERS"))
-    return RoIDataLoader(roidb, blob_fn, ims_per_batch=ims, aspect_grouping=t.ASPECT_GROUPING,
-                         seed=int(config.get("RNG_SEED")), num_workers=workers, prefetch=max(2, 2 * workers),
-                         rank=rank, world_size=world_size, iter_size=int(config.get("PIPELINE.ITER_SIZE")))
+    return RoIDataLoader(roidb, blob_fn, ims_per_batch=ims, rank=rank, world_size=world_size,
+                         **loader_settings(config))
 
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], dict]
@@ -113,11 +104,7 @@ LossFn = Callable[[torch.nn.Module, Mapping[str, Any]], dict]
 
 def rpn_loss_fn(config: Config) -> LossFn:
     """loss_fn(model, blobs) -> {'rpn_cls', 'rpn_bbox'} with the TRAIN.RPN_* anchor-target settings."""
-    t = config.TRAIN
-    settings = {"rpn_positive_overlap": t.RPN_POSITIVE_OVERLAP, "rpn_negative_overlap": t.RPN_NEGATIVE_OVERLAP,
-                "rpn_clobber_positives": t.RPN_CLOBBER_POSITIVES, "rpn_fg_fraction": t.RPN_FG_FRACTION,
-                "rpn_batchsize": t.RPN_BATCHSIZE, "rpn_bbox_inside_weights": tuple(t.RPN_BBOX_INSIDE_WEIGHTS),
-                "rpn_positive_weight": t.RPN_POSITIVE_WEIGHT}
+    settings = anchor_target_settings(config)
 
     def loss_fn(model: torch.nn.Module, blobs: Mapping[str, Any]) -> dict:
         generator = torch.Generator().manual_seed(blobs["anchor_seed"])

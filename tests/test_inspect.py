@@ -10,6 +10,7 @@ import pytest
 
 from roidb.errors import DataError, UnsafePickleError
 from roidb.factory import get_imdb
+from stages.engine.errors import PipelineError
 from stages.commands.inspect import (AR_IOUS, best_overlaps, find_scores_file, format_stats_table, inspect_pickle,
                             proposal_stats, stats_to_json, validate_stats_json)
 from vocfmt_helpers import CLASSES, PROPOSALS, SCORES, make_voc
@@ -113,11 +114,11 @@ def test_json_schema(imdb, tmp_path):
     assert len(doc["recall_vs_iou"]["iou"]) == len(doc["recall_vs_iou"]["recall"]["2"]) == 21
     broken = [("schema", "x"), ("num_gt", "3"), ("score_range", {"min": 2.0, "max": 1.0})]
     for key, value in broken:
-        with pytest.raises(ValueError, match=key):
+        with pytest.raises(PipelineError, match=key):
             validate_stats_json({**doc, key: value})
     bad_row = json.loads(json.dumps(doc))
     bad_row["top_n"][0]["recall@0.5"] = 1.5
-    with pytest.raises(ValueError, match=r"top_n\[0\]"):
+    with pytest.raises(PipelineError, match=r"top_n\[0\]"):
         validate_stats_json(bad_row)
 
 
@@ -127,5 +128,5 @@ def test_table_is_aligned(imdb, tmp_path):
     table = format_stats_table(stats).split("\n\n")[1].splitlines()
     assert len({len(line) for line in table}) == 1 and table[0].split()[:2] == ["top", "N"]
     assert "0.1000 .. 0.9500" in format_stats_table(stats)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(PipelineError, match="positive"):
         proposal_stats(PROPOSALS, [np.zeros((0, 4))] * 2, source="x", imdb_name="i", top_ns=(0,))

@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
+from stages.engine.errors import PipelineError
 from stages.commands.inspect import proposal_stats
 from stages.commands.plots import (GT_COLOR, PROPOSAL_COLOR, draw_detections, draw_proposals, plot_losses, plot_pr_curves,
                           plot_recall_vs_iou, write_image)
@@ -31,7 +32,7 @@ def test_recall_vs_iou_panels_and_size(tmp_path):
     few = tmp_path / "few.png"
     assert plot_recall_vs_iou([stats("a", (1, 2))], ["a"], few) == [1, 2]
     assert size_of(few) == (840, 400)
-    with pytest.raises(ValueError, match="share no top N"):
+    with pytest.raises(PipelineError, match="share no top N"):
         plot_recall_vs_iou([stats("a", (1,)), stats("b", (2,))], ["a", "b"], tmp_path / "x.png")
 
 
@@ -51,7 +52,7 @@ def test_loss_panels_size(tmp_path):
     assert size_of(tmp_path / "l.png") == (1040, 680)   # 2 columns x 5.2 in, 2 rows x 3.4 in
     plot_losses({"stage4": frcn}, tmp_path / "one.png")
     assert size_of(tmp_path / "one.png") == (520, 340)
-    with pytest.raises(ValueError, match="no training log"):
+    with pytest.raises(PipelineError, match="no training log"):
         plot_losses({}, tmp_path / "none.png")
 
 
@@ -73,5 +74,5 @@ def test_draw_detections_threshold_and_labels(tmp_path):
     assert out[30:39, 41:60].any()                           # its 'cat 0.90' label sits above the box
     write_image(tmp_path / "d.jpg", out)
     assert size_of(tmp_path / "d.jpg") == (160, 120)
-    with pytest.raises(ValueError, match=r"\.png or \.jpg"):
+    with pytest.raises(PipelineError, match=r"\.png or \.jpg"):
         write_image(tmp_path / "d.gif", out)

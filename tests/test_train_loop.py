@@ -18,7 +18,7 @@ import torch
 
 from stages.engine.artifacts import sha256_file
 from stages.engine.config import SolverSettings
-from stages.engine.errors import Interrupted, NonFiniteLossError
+from stages.engine.errors import Interrupted, NonFiniteLossError, StepFailedError
 from stages.engine.trainer import (LOG_NAME, Reporter, list_snapshots, make_optimizer, read_log, snapshot_path, step_lr,
                           train_loop)
 
@@ -151,7 +151,7 @@ def test_sgd_matches_hand_written_momentum_update_on_given_groups_only(tmp_path)
 
 def test_all_frozen_is_an_error():
     layer = torch.nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
+    with pytest.raises(StepFailedError, match="no trainable parameters"):
         make_optimizer(layer.parameters(), 0.1, 0.9, 0.0)
 
 

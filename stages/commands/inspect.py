@@ -144,7 +144,7 @@ def proposal_stats(boxes: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], 
     """The figures of ``boxes`` (one (N_i, 4) array per image, best first) against ``gt_boxes`` ((G_i, 4) each)."""
     top_ns = sorted({int(n) for n in top_ns})
     if not top_ns or top_ns[0] < 1:
-        raise ValueError(f"--top values must be positive integers, got {top_ns}")
+        raise PipelineError(f"--top values must be positive integers, got {top_ns}")
     best = best_overlaps(boxes, gt_boxes, top_ns, progress)
     counts = np.array([len(b) for b in boxes], dtype=np.int64)
     per_image = ({"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max()),
@@ -204,7 +204,7 @@ def stats_to_json(stats: ProposalStats) -> dict[str, Any]:
 
 def _require(cond: bool, where: str, what: str) -> None:
     if not cond:
-        raise ValueError(f"proposal-stats JSON: {where} {what}")
+        raise PipelineError(f"proposal-stats JSON: {where} {what}")
 
 
 def _is_number(x: Any) -> bool:

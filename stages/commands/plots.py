@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..engine.artifacts import atomic_write_bytes
+from ..engine.errors import PipelineError
 from .inspect import ProposalStats
 
 __all__ = ["DPI", "CURVE_PANEL_NS", "LOSS_TERMS", "save_figure", "write_image", "plot_recall_vs_iou",
@@ -42,10 +43,10 @@ def write_image(path: str | os.PathLike, image_bgr: np.ndarray) -> None:
     """Encode a BGR image by the extension of ``path`` (.png, .jpg/.jpeg) and write it atomically."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in (".png", ".jpg", ".jpeg"):
-        raise ValueError(f"{os.fspath(path)}: pictures are written as .png or .jpg, not {ext or 'no extension'!r}")
+        raise PipelineError(f"{os.fspath(path)}: pictures are written as .png or .jpg, not {ext or 'no extension'!r}")
     ok, data = cv2.imencode(ext, image_bgr)
     if not ok:
-        raise ValueError(f"{os.fspath(path)}: OpenCV could not encode the image")
+        raise PipelineError(f"{os.fspath(path)}: OpenCV could not encode the image")
     atomic_write_bytes(path, data.tobytes())
 
 
@@ -58,7 +59,7 @@ def plot_recall_vs_iou(stats: Sequence[ProposalStats], labels: Sequence[str], pa
     """
     shared = sorted(set.intersection(*(set(s.top_ns) for s in stats)))
     if not shared:
-        raise ValueError("the pickles share no top N to plot; pass the same --top values")
+        raise PipelineError("the pickles share no top N to plot; pass the same --top values")
     if panel_ns is None:
         panel_ns = [n for n in CURVE_PANEL_NS if n in shared] or shared[-3:]
     panel_ns = [int(n) for n in panel_ns]
@@ -112,7 +113,7 @@ def plot_losses(logs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.
         size: figure inches (default: panels 5.2 x 3.4 inches, two per row).
     """
     if not logs:
-        raise ValueError("no training log to plot")
+        raise PipelineError("no training log to plot")
     cols = min(2, len(logs))
     rows = -(-len(logs) // cols)
     fig = Figure(figsize=size or (5.2 * cols, 3.4 * rows), dpi=DPI)

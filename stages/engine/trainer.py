@@ -31,7 +31,7 @@ import torch
 from .artifacts import FAULT_ENV, atomic_path, atomic_write_text, parse_fault
 from .config import SolverSettings
 from .distributed import SINGLE, DistContext, wrap_loss
-from .errors import Interrupted, NonFiniteLossError, SnapshotMismatchError
+from .errors import Interrupted, NonFiniteLossError, PipelineError, SnapshotMismatchError, StepFailedError
 from .lock import defer_interrupts, raise_if_interrupted
 from .progress import ProgressBar
 
@@ -92,7 +92,7 @@ def make_optimizer(param_groups: Iterable[Any], lr: float, momentum: float,
             groups.append({"params": params, "lr": lr * item.get("lr_mult", 1.0),
                            "weight_decay": weight_decay * item.get("decay_mult", 1.0)})
     if not groups:
-        raise ValueError("the training step has no trainable parameters (every parameter is frozen)")
+        raise StepFailedError("the training step has no trainable parameters (every parameter is frozen)")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -207,7 +207,7 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except ValueError:
             if number != len(lines) - 1:
-                raise ValueError(f"{path} line {number + 1} is not JSON") from None
+                raise PipelineError(f"{path} line {number + 1} is not JSON") from None
     return records
 
 

@@ -156,7 +156,8 @@ def inspect_command(ctx: click.Context, targets: tuple[str, ...], imdb_name: str
                     config_path: str | None, overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
     """Proposal statistics of p1/p2 or any py-faster-rcnn proposal pickle: proposals per image, score range,
     recall at IoU 0.5/0.7 for the top N, average recall (IoU 0.5:0.95), mean best overlap."""
-    from stages.commands.inspect import TOP_NS, format_stats_table, inspect_pickle, resolve_proposal_file, stats_to_json
+    from stages.commands.inspect import (TOP_NS, draw_proposal_picture, format_stats_table, inspect_pickle,
+                                         resolve_proposal_file, stats_to_json)
     from stages.settings import load_imdb
     from stages.commands.plots import plot_recall_vs_iou
     from stages.commands.reval import eval_imdb
@@ -179,19 +180,8 @@ def inspect_command(ctx: click.Context, targets: tuple[str, ...], imdb_name: str
     if draw_id is not None:
         for path, label in resolved:
             target = out_path if len(resolved) == 1 else _suffixed(out_path, label)
-            _draw_proposal_picture(imdb, path, draw_id, draw_top, target)
+            draw_proposal_picture(imdb, path, draw_id, draw_top, target)
             _note(as_json, f"wrote {target} ({label}: top {draw_top} proposals and GT of image {draw_id})")
-
-
-def _draw_proposal_picture(imdb: Any, proposal_file: Path, image_id: str, top_n: int, target: str) -> None:
-    from stages.commands.plots import draw_proposals, write_image
-    from stages.proposals import read_image
-
-    i = imdb.image_index.index(image_id)
-    gt = imdb.gt_roidb()[i]
-    picture = draw_proposals(read_image(imdb.image_path_at(i)), imdb.load_proposals(proposal_file)[i],
-                             gt["boxes"][gt["gt_classes"] > 0], top_n)
-    write_image(target, picture)
 
 
 def _note(quiet_stdout: bool, message: str) -> None:
@@ -280,22 +270,10 @@ def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smoot
                 overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
     """Loss curves from each training step's log.jsonl (default: every step that has one), one panel per step:
     RPN cls/box or Fast R-CNN cls/box, and the lr."""
+    from stages.commands.plots import plot_losses as draw, training_logs
     from stages.engine.config import experiment_dir
-    from stages.commands.plots import plot_losses as draw
-    from stages.engine.errors import PipelineError
-    from stages.engine.trainer import LOG_NAME, read_log
 
-    exp_dir = experiment_dir(build_config(config_path, overrides))
-    logs = {}
-    for step in steps or TRAINING_STEPS:
-        records = read_log(exp_dir / step / LOG_NAME)
-        if records:
-            logs[step] = records
-        elif steps:
-            raise PipelineError(f"{exp_dir / step / LOG_NAME}: no training log (run `pipeline.py run "
-                                f"--until {step}` first)")
-    if not logs:
-        raise PipelineError(f"{exp_dir}: no training step has a {LOG_NAME} yet")
+    logs = training_logs(experiment_dir(build_config(config_path, overrides)), steps, TRAINING_STEPS)
     draw(logs, out_path, smooth=smooth)
     click.echo(format_table(["step", "iterations", "last loss", "last lr"],
                             [[s, str(r[-1]["iter"]), f"{r[-1]['loss']:.4f}", f"{r[-1]['lr']:g}"]

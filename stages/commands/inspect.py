@@ -266,3 +266,15 @@ def format_stats_table(stats: ProposalStats) -> str:
     lines.append("")
     lines += ["  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in [header, *rows]]
     return "\n".join(lines)
+
+
+def draw_proposal_picture(imdb: Any, proposal_file: Path, image_id: str, top_n: int, target: str) -> None:
+    """Draw image `image_id`'s top `top_n` proposals of `proposal_file` (thin) and its GT boxes (thick) to `target`."""
+    from ..proposals import read_image
+    from .plots import draw_proposals, write_image
+
+    i = imdb.image_index.index(image_id)
+    gt = imdb.gt_roidb()[i]
+    picture = draw_proposals(read_image(imdb.image_path_at(i)), imdb.load_proposals(proposal_file)[i],
+                             gt["boxes"][gt["gt_classes"] > 0], top_n)
+    write_image(target, picture)

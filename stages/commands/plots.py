@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import cv2
@@ -182,3 +183,20 @@ def draw_detections(image_bgr: np.ndarray, detections: Sequence[np.ndarray], cla
         color = CLASS_COLORS[(j - 1) % len(CLASS_COLORS)]
         out = draw_boxes(out, dets[:, :4], color, 2, [f"{classes[j]} {s:.2f}" for s in dets[:, 4]])
     return out
+
+
+def training_logs(exp_dir: Path, steps: Sequence[str], all_steps: Sequence[str]) -> dict[str, list[dict]]:
+    """{step: log.jsonl records} of `steps` (default: every one of `all_steps` that has a log)."""
+    from ..engine.trainer import LOG_NAME, read_log
+
+    logs = {}
+    for step in steps or all_steps:
+        records = read_log(Path(exp_dir) / step / LOG_NAME)
+        if records:
+            logs[step] = records
+        elif steps:
+            raise PipelineError(f"{Path(exp_dir) / step / LOG_NAME}: no training log (run `pipeline.py run "
+                                f"--until {step}` first)")
+    if not logs:
+        raise PipelineError(f"{exp_dir}: no training step has a {LOG_NAME} yet")
+    return logs

@@ -399,6 +399,8 @@ class Runner:
 
     def _restore_from_cache(self, step_id: str, fingerprint: str) -> None:
         folder = self.step_dir(step_id)
+        if folder.exists():
+            _remove_temporaries(folder)
         self.cache.stash(step_id, folder)
         self.cache.restore(step_id, fingerprint, folder)
         self._changed()
@@ -470,6 +472,8 @@ class Runner:
                 and manifest.get("fingerprint") == fingerprint):
             _remove_temporaries(folder)
             return manifest.get("progress"), None
+        if folder.exists():
+            _remove_temporaries(folder)
         stashed = self.cache.stash(step_id, folder)
         cached = None if forced else self.cache.lookup(step_id, fingerprint, verify_hashes=False)
         if cached is not None and not cached.done:

@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kernels.boxes import bbox_overlaps
 from roidb.content import StatCache, content_digest, content_listing
 from roidb.errors import DataError
 from roidb.safe_pickle import safe_load
@@ -356,6 +355,7 @@ class Imdb(abc.ABC):
             if gt_roidb is not None and len(gt_roidb[i]["boxes"]) > 0 and len(boxes) > 0:
                 gt_boxes = gt_roidb[i]["boxes"].astype(np.float64)
                 gt_classes = gt_roidb[i]["gt_classes"]
+                from kernels.boxes import bbox_overlaps  # here, so that digesting an imdb needs no torch
                 iou = bbox_overlaps(boxes.astype(np.float64), gt_boxes)
                 argmaxes = iou.argmax(axis=1)
                 maxes = iou.max(axis=1)

@@ -14,7 +14,6 @@ from .engine.errors import (ConfigError, Interrupted, LockError, MissingStepBody
                      StepFailedError, StepSelectionError)
 from .engine.graph import STEP_ORDER, STEPS, Step, fingerprint, select_steps
 from .engine.runner import REGISTRY, Runner, StepContext, StepInput, StepRegistry, StepResult, register_step
-from .engine.trainer import TrainResult, train_loop
 
 __all__ = [
     "Config", "SolverSettings", "experiment_dir", "load_config", "solver_settings",
@@ -26,3 +25,10 @@ __all__ = [
 ]
 
 from . import steps  # noqa: E402,F401  (registers the step bodies; last, it imports the above)
+
+
+def __getattr__(name: str):  # train_loop and TrainResult import torch: only when asked for
+    if name in ("TrainResult", "train_loop"):
+        from .engine import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'stages' has no attribute {name!r}")

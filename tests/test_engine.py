@@ -85,3 +85,14 @@ def test_an_undeclared_read_in_an_isolated_child_is_caught_too(tmp_path):
 def sneaky_child(ctx):
     ctx.config.get("TEST.RPN_NMS_THRESH")
     return StepResult([], {})
+
+
+def test_status_starts_without_torch(tmp_path):
+    """`status` never trains: it must not pay for importing torch (most of a second, more on a slow disk)."""
+    from vocfmt_helpers import data_overrides
+    sets = [x for k, v in data_overrides(tmp_path / "data") for x in ("--set", k, v)]
+    script = ("import sys\nsys.path[:0] = [{root!r}]\nimport pipeline\n"
+              "code = pipeline.main(['status', '--set', 'PIPELINE.OUTPUT_ROOT', {out!r}] + {sets!r})\n"
+              "print(code, 'torch' in sys.modules)").format(root=str(ROOT), out=str(tmp_path / "out"), sets=sets)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "0 False", out.stdout + out.stderr

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+FINAL_MODEL = "model.pt"  # a training step's final weights
+SNAPSHOT_DIR = "snapshots"  # a training step's resumable snapshots
 FAULT_ENV = "FRCNN_FAULT"
 _fault_counts: dict[str, int] = {}
 _CHUNK = 1 << 20

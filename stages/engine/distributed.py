@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
-
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .errors import ConfigError
 
-__all__ = ["DistContext", "SINGLE", "init_from_env", "resolve_device", "shard", "LossModule"]
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used, so that `status` (which never trains) starts without it.
+
+__all__ = ["DistContext", "SINGLE", "init_from_env", "resolve_device", "shard", "wrap_loss"]
 
 _TIMEOUT = datetime.timedelta(minutes=60)
 
@@ -35,7 +36,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: Any = field(default="cpu", compare=False)  # a torch.device ("cpu" in SINGLE, to spare the import)
 
     @property
     def enabled(self) -> bool:
@@ -49,6 +50,7 @@ class DistContext:
         """Wait for every rank (no-op in a single process)."""
         if not self.enabled:
             return
+        import torch.distributed as dist
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])
         else:
@@ -58,6 +60,7 @@ class DistContext:
         """Rank 0's `value` (any picklable object) on every rank."""
         if not self.enabled:
             return value
+        import torch.distributed as dist
         box = [value if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self._object_device())
         return box[0]
@@ -66,14 +69,17 @@ class DistContext:
         """[value of rank 0, value of rank 1, ...] on rank 0, None on the others."""
         if not self.enabled:
             return [value]
+        import torch.distributed as dist
         out: list[Any] | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(value, out, dst=0)
         return out
 
-    def all_mean(self, values: torch.Tensor) -> torch.Tensor:
+    def all_mean(self, values: "torch.Tensor") -> "torch.Tensor":
         """The element-wise mean over ranks of a float64 CPU vector (NaN anywhere gives NaN everywhere)."""
         if not self.enabled:
             return values
+        import torch
+        import torch.distributed as dist
         buffer = values.to(self.device, torch.float64)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         return buffer.cpu() / self.world_size
@@ -85,8 +91,9 @@ class DistContext:
 SINGLE = DistContext()
 
 
-def resolve_device(wanted: str, local_rank: int = 0) -> torch.device:
+def resolve_device(wanted: str, local_rank: int = 0) -> "torch.device":
     """PIPELINE.DEVICE ('auto', 'cpu', 'cuda') as a torch.device; CUDA is this rank's GPU (LOCAL_RANK)."""
+    import torch
     if wanted == "auto":
         wanted = "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cuda":
@@ -116,6 +123,8 @@ def init_from_env(wanted_device: str, env: Mapping[str, str] | None = None) -> D
     device = resolve_device(wanted_device, local_rank if world_size > 1 else 0)
     if world_size <= 1:
         return DistContext(device=device)
+    import torch
+    import torch.distributed as dist
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -126,6 +135,10 @@ def init_from_env(wanted_device: str, env: Mapping[str, str] | None = None) -> D
 
 def shutdown() -> None:
     """Leave the process group (end of `pipeline.py run`)."""
+    import sys
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -143,22 +156,14 @@ def gather_in_order(items: Sequence[Any], ctx: DistContext) -> list[Any] | None:
     return None if parts is None else [item for part in parts for item in part]
 
 
-class LossModule(torch.nn.Module):
-    """`forward(batch) = loss_fn(model, batch)`: routes the loss through `forward`, where DDP hooks in."""
+def wrap_loss(model: "torch.nn.Module", loss_fn: Callable[["torch.nn.Module", Any], Mapping[str, "torch.Tensor"]],
+              ctx: DistContext) -> "torch.nn.Module":
+    """A module computing `loss_fn(model, batch)` in its `forward` (where DDP hooks in); under torchrun a
+    DistributedDataParallel that averages the gradients of `model`'s trainable parameters over the ranks (and
+    first broadcasts rank 0's weights)."""
+    from torch.nn.parallel import DistributedDataParallel
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], Mapping[str, torch.Tensor]]):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Mapping[str, torch.Tensor]:
-        return self.loss_fn(self.model, batch)
-
-
-def wrap_loss(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], Mapping[str, torch.Tensor]],
-              ctx: DistContext) -> torch.nn.Module:
-    """A module computing `loss_fn(model, batch)`; under torchrun a DistributedDataParallel that averages the
-    gradients of `model`'s trainable parameters over the ranks (and first broadcasts rank 0's weights)."""
+    from .loss_module import LossModule
     module = LossModule(model, loss_fn)
     if not ctx.enabled:
         return module

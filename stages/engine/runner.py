@@ -23,12 +23,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-import numpy as np
-import torch
-
-from .artifacts import (describe_change, hash_outputs, outputs_digest, read_manifest, sha256_file, stale_reason,
+from .artifacts import (FINAL_MODEL, SNAPSHOT_DIR, describe_change, hash_outputs, outputs_digest, read_manifest, sha256_file, stale_reason,
                         atomic_write_json, update_manifest, write_manifest)
 from .config import Config, SolverSettings, dump_config, experiment_dir, recording_reads, resolve_path, solver_settings
 from .distributed import SINGLE, DistContext, resolve_device
@@ -38,7 +35,11 @@ from .graph import (DATA_INPUTS, M0, Graph, Selection, Step, all_step_ids, finge
                     undeclared_reads)
 from .lock import RunLock, interrupt_guard, lock_holder_alive, raise_if_interrupted, read_lock
 from .runcache import RunCache
-from .trainer import FINAL_MODEL, SNAPSHOT_DIR, BatchLoader, LossFn, Reporter, TrainResult, train_loop
+
+if TYPE_CHECKING:  # torch is imported when a step runs, so that `status` starts without it
+    import torch
+
+    from .trainer import BatchLoader, LossFn, TrainResult
 
 _RESULT = ".result.json"
 _CHILD_GRACE_S = 120.0
@@ -86,10 +87,11 @@ class StepContext:
         """Record 'partial at iteration k/N' in the manifest (called after each snapshot)."""
         update_manifest(self.step_dir, progress={"iteration": iteration, "total": total})
 
-    def train(self, model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, **kwargs: Any) -> TrainResult:
+    def train(self, model: "torch.nn.Module", loss_fn: "LossFn", loader: "BatchLoader", **kwargs: Any) -> "TrainResult":
         """`train_loop` with this training step's solver (PIPELINE.STAGEk_*, AMP, ITER_SIZE), under torchrun's DDP
         when launched so, writing into the step folder, its snapshots tagged with this run's fingerprint, and
         recording progress in the manifest; kwargs go to `train_loop` (param_groups, numpy_rngs, checkpoint_fn)."""
+        from .trainer import Reporter, train_loop
         reporter = Reporter(label=self.step.id, echo=self.log, log_every=self.config.get("PIPELINE.LOG_EVERY"),
                             on_snapshot=self.report_progress)
         return train_loop(model, loss_fn, loader, self.solver, self.step_dir, dist=self.dist, reporter=reporter,
@@ -100,7 +102,7 @@ class StepContext:
         return solver_settings(self.config, self.step.stage)
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> "torch.device":
         """PIPELINE.DEVICE with 'auto' resolved (CUDA when available, else the CPU); under torchrun this rank's
         GPU (LOCAL_RANK)."""
         return resolve_device(self.config.get("PIPELINE.DEVICE"), self.dist.local_rank)
@@ -201,6 +203,8 @@ def _as_result(value: Any, step_id: str) -> StepResult:
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """py-faster-rcnn reseeds every step with RNG_SEED, so a step's result never depends on what ran before."""
+    import numpy as np
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -28,15 +28,13 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 import numpy as np
 import torch
 
-from .artifacts import FAULT_ENV, atomic_path, atomic_write_text, parse_fault
+from .artifacts import FAULT_ENV, FINAL_MODEL, SNAPSHOT_DIR, atomic_path, atomic_write_text, parse_fault
 from .config import SolverSettings
 from .distributed import SINGLE, DistContext, wrap_loss
 from .errors import Interrupted, NonFiniteLossError, PipelineError, SnapshotMismatchError, StepFailedError
 from .lock import defer_interrupts, raise_if_interrupted
 from .progress import ProgressBar
 
-SNAPSHOT_DIR = "snapshots"
-FINAL_MODEL = "model.pt"
 LOG_NAME = "log.jsonl"
 KEEP_SNAPSHOTS = 2
 _SNAPSHOT_RE = re.compile(r"^iter_(\d{8})\.pt$")

@@ -94,7 +94,10 @@ def kill_once(ws: Workspace, step: str, durations: dict[str, float], rng: random
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=600)
-    hit = running_step(ws) if proc.returncode == expected_rc else None
+    if proc.returncode != expected_rc:
+        hit = None
+    else:
+        hit = step if expected_rc == 2 else running_step(ws)
     torn = manifest_problems(ws.exp)
     lock_left = (ws.exp / LOCK_NAME).exists()
     rerun = ws.run("run", timeout=900)
@@ -102,6 +105,9 @@ def kill_once(ws: Workspace, step: str, durations: dict[str, float], rng: random
                  and (not lock_left or "taking over the stale lock" in rerun.stdout)
                  and not list(ws.exp.rglob("*.tmp"))
                  and (not rerun_changed or ": running (" not in rerun.stdout))
+    if not recovered:
+        print(f"    recovery run (rc {rerun.returncode}): " + " | ".join((rerun.stdout + rerun.stderr).splitlines()[-6:]),
+              flush=True)
     identical = recovered and sha256_file(ws.exp / "stage4" / "model.pt") == ws.m4_sha()
     all_identical = recovered and not ws.outputs_match_baseline()
     return {"aimed": step, "hit": hit, "how": how, "torn_before_rerun": torn, "recovered": recovered,

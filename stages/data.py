@@ -38,12 +38,19 @@ class ImdbContent:
         return describe_content_change(old, self.listing)
 
 
-def imdb_content(config: Config, key: str) -> ImdbContent:
-    """The content of the imdb (or 'a+b' imdbs) named by config key `key`, hashed through the stat cache."""
+def imdb_content(config: Config, key: str, evaluated: bool = False) -> ImdbContent:
+    """The content of the imdb (or 'a+b' imdbs) named by config key `key`, hashed through the stat cache.
+
+    `evaluated`: the imdb is evaluated on, so how its name says to score it (VOC07 11-point AP or the area under
+    the curve, VOC or COCO metrics) is part of its content too."""
     root = data_root(config)
     classes = list(config.get("PIPELINE.CLASSES")) or None
     imdbs = get_imdbs(config.get(key), data_root=root, classes=classes)
     listing = content_listing(imdbs, StatCache(root / "cache" / "stat_cache.json"))
+    if evaluated:
+        listing["options"]["evaluation"] = [{"imdb": type(imdb).__name__,
+                                             "use_07_metric": bool(getattr(imdb, "use_07_metric", False))}
+                                            for imdb in imdbs]
     folder = root / "cache" / "content"
     digest = content_digest(listing)
     if not (folder / f"{digest}.json").is_file():
@@ -61,4 +68,4 @@ def train_data(config: Config) -> DataInput:
 
 def test_data(config: Config) -> DataInput:
     """`data:test`: the content of PIPELINE.TEST_IMDB."""
-    return imdb_content(config, "PIPELINE.TEST_IMDB")
+    return imdb_content(config, "PIPELINE.TEST_IMDB", evaluated=True)

@@ -129,3 +129,19 @@ def test_the_cache_is_bounded_and_clean_cache_empties_it(capsys, ws):
     code, out, _ = cli(capsys, ws, "clean", "--cache")
     assert code == 0 and out.startswith("removed 2 cached versions")
     assert not any((ws.exp / ".cache").rglob("manifest.json"))
+
+
+def test_how_the_test_imdb_is_scored_is_part_of_its_content(capsys, ws):
+    """vocfmt: data is scored by the area under the PR curve, voc_2007_* by VOC07's 11 points: the metric the imdb's
+    name implies enters the test data's digest (not the training data's), so a name that changes it re-runs eval."""
+    from stages.data import imdb_content
+    from stages.engine.config import load_config
+
+    base = [("PIPELINE.DATA_ROOT", str(ws.data_root)),
+            ("PIPELINE.CLASSES", "[ellipse, rectangle, triangle, star, cross, ring]")]
+    vocfmt = imdb_content(load_config(overrides=base + [("PIPELINE.TEST_IMDB", f"vocfmt:{ws.voc}:test")]),
+                          "PIPELINE.TEST_IMDB", evaluated=True)
+    plain = imdb_content(load_config(overrides=base + [("PIPELINE.TEST_IMDB", f"vocfmt:{ws.voc}:test")]),
+                         "PIPELINE.TEST_IMDB")
+    assert vocfmt.digest != plain.digest
+    assert vocfmt.listing["options"]["evaluation"] == [{"imdb": "PascalVoc", "use_07_metric": False}]

@@ -170,12 +170,12 @@ def results_metrics(results: dict) -> dict:
     return metrics
 
 
-def aps_document(imdb: Imdb, results: dict, **extra) -> dict:
+def aps_document(imdb: Imdb, results: dict, extra: dict | None = None) -> dict:
     """What aps.json holds: per-class AP, mAP, the metric; for COCO also aps_coco and every COCOeval statistic."""
     doc = {"aps": results["aps"], "map": results["map"], "use_07_metric": bool(getattr(imdb, "use_07_metric", False))}
     if is_coco(results):
         doc.update({"metric": "coco", "aps_coco": results["aps_coco"], "coco": results["coco"]})
-    return {**doc, **extra}
+    return {**doc, **(extra or {})}
 
 
 def evaluate(ctx: StepContext) -> StepResult:

@@ -104,7 +104,7 @@ def unshared_detect_image(rpn_model: FasterRCNN, det_model: FasterRCNN, im: np.n
 def _score(all_boxes: list, imdb: Imdb, out_dir: Path, extra: dict) -> EvalResult:
     imdb.competition_mode(True)
     results = imdb.evaluate_detections(all_boxes, out_dir / "results")
-    document = aps_document(imdb, results, imdb=imdb.name, **extra)
+    document = aps_document(imdb, results, {"imdb": imdb.name, **extra})
     atomic_write_text(out_dir / "aps.json", json.dumps(document, indent=1) + "\n")
     return EvalResult(aps=results["aps"], map=results["map"], use_07_metric=document["use_07_metric"],
                       out_dir=out_dir, results=results)

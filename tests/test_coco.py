@@ -341,3 +341,15 @@ def test_file_name_cannot_leave_the_image_folder(tmp_path):
     imdb = CocoImdb(path, image_dir, name="esc", cache_dir=tmp_path)
     with pytest.raises(DataError, match=r"image id 42: file_name '../outside.jpg' leaves the image folder"):
         imdb.gt_roidb()
+
+
+def test_rpn_batches_take_crowd_boxes_as_gt_like_py_faster_rcnn(imdb):
+    """py-faster-rcnn's RPN data layer takes every row with gt_classes != 0, crowd boxes included."""
+    from roidb.minibatch import get_minibatch
+
+    entry = prepare_roidb(imdb)[0]
+    blobs = get_minibatch([entry], imdb.num_classes, np.random.default_rng(0), scales=[80], max_size=1000,
+                          pixel_means=np.zeros((1, 1, 3), np.float32), has_rpn=True)
+    scale = blobs["im_info"][0, 2]
+    np.testing.assert_allclose(blobs["gt_boxes"][:, :4], entry["boxes"] * scale, rtol=1e-6)
+    assert blobs["gt_boxes"][:, 4].tolist() == [2, 1, 3, 1]

@@ -114,6 +114,9 @@ def test_eval_command_rescores_with_cocoeval(data_root, baseline, tmp_path, caps
     stored = json.loads((out / EXP / "eval" / "aps.json").read_text())
     assert again["coco"] == stored["coco"] and again["aps"] == stored["aps"]
     assert (tmp_path / "pr.png").stat().st_size > 0
+    code = pipeline.main(["eval", *args(data_root, out), "--detections", str(detections), "--use-07-metric"])
+    assert code == 2
+    assert "VOC07 metric choice applies to VOC-format imdbs" in error_line(capsys.readouterr().err)
 
 
 def test_damaged_json_stops_with_one_line_and_loses_nothing(data_root, baseline, tmp_path, capsys):

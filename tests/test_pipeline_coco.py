@@ -119,6 +119,19 @@ def test_eval_command_rescores_with_cocoeval(data_root, baseline, tmp_path, caps
     assert "VOC07 metric choice applies to VOC-format imdbs" in error_line(capsys.readouterr().err)
 
 
+def test_inspect_reads_proposals_against_the_coco_imdb(data_root, baseline, capsys):
+    out, _ = baseline
+    code = pipeline.main(["inspect", "p1", *args(data_root, out), "--json"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    stats = json.loads(printed)
+    stats = stats[0] if isinstance(stats, list) else stats
+    assert stats["num_images"] == NUM_TRAINVAL and stats["imdb"].startswith("cocofmt_instances_trainval_")
+    doc = json.loads(shapes_coco_paths(data_root / "shapes", "trainval")[0].read_text())
+    crowd = sum(a["iscrowd"] for a in doc["annotations"])
+    assert crowd > 0 and stats["num_gt"] == len(doc["annotations"]) - crowd  # recall counts no crowd box
+
+
 def test_damaged_json_stops_with_one_line_and_loses_nothing(data_root, baseline, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(baseline[0], out)

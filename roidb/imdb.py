@@ -410,7 +410,11 @@ class Imdb(abc.ABC):
     # ------------------------------------------------------------------ evaluation
     @abc.abstractmethod
     def evaluate_detections(self, all_boxes: list, output_dir: str | os.PathLike) -> dict:
-        """Score ``all_boxes[cls][image]`` ((N, 5) ``[x1, y1, x2, y2, score]``): ``{'aps': {...}, 'map': m}``."""
+        """Score ``all_boxes[cls][image]`` ((N, 5) ``[x1, y1, x2, y2, score]``): ``{'aps': {...}, 'map': m}``.
+
+        ``aps`` holds each class's AP at IoU 0.5 and ``map`` their mean. A COCO-format imdb adds ``'metric':
+        'coco'``, ``'aps_coco'`` (per-class AP at IoU .50:.05:.95) and ``'coco'`` (COCOeval's statistics).
+        """
 
     @abc.abstractmethod
     def competition_mode(self, on: bool) -> None:

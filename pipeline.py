@@ -200,7 +200,8 @@ def _suffixed(path: str, label: str) -> str:
 @click.option("--imdb", "imdb_name", default=None, metavar="NAME",
               help="imdb to evaluate on (default: the config's PIPELINE.TEST_IMDB).")
 @click.option("--use-07-metric/--no-use-07-metric", "use_07_metric", default=None,
-              help="VOC07 11-point AP or area under the curve (default: the imdb decides; VOC2007-style: 07).")
+              help="VOC07 11-point AP or area under the curve (default: the imdb decides; VOC2007-style: 07). "
+                   "VOC-format data only: COCO-format data is scored with COCOeval.")
 @click.option("--pr-plot", type=click.Path(dir_okay=False), default=None, help="PNG of per-class PR curves.")
 @click.option("--detections", "detections_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Re-score this detections.pkl (all_boxes[cls][image]) instead of detecting, like reval.py.")
@@ -212,8 +213,9 @@ def _suffixed(path: str, label: str) -> str:
 def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_metric: bool | None,
                  pr_plot: str | None, detections_file: str | None, out_dir: str | None, config_path: str | None,
                  overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
-    """Evaluate a trained detector (or saved detections) with the VOC metric: per-class AP table and mAP."""
-    from stages.evaluation import format_ap_table
+    """Evaluate a trained detector (or saved detections): per-class AP table and mAP with the VOC metric, or
+    COCOeval's AP/AR statistics on COCO-format data."""
+    from stages.evaluation import format_results, is_coco, metric_description
     from stages.commands.plots import plot_pr_curves
     from stages.commands.reval import evaluate_step, eval_imdb, read_pr, reval
 
@@ -226,11 +228,11 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
     else:
         result = evaluate_step(config, step, imdb, target)
         what = f"{step} ({'M4' if step == 'stage4' else 'M1 RPN + M2 detector'})"
-    metric = "VOC07 11-point" if result.use_07_metric else "area under the PR curve"
-    click.echo(f"{what} on {imdb.name}: {imdb.num_images} images, {metric} AP at IoU 0.5")
-    click.echo(format_ap_table(result.aps, result.map))
-    click.echo(f"wrote {result.out_dir} (aps.json, results/comp4_det_*.txt"
-               f"{'' if detections_file else ', detections.pkl'})")
+    metric = metric_description(imdb, result.results, voc_area="area under the PR curve")
+    click.echo(f"{what} on {imdb.name}: {imdb.num_images} images, {metric}")
+    click.echo(format_results(result.results))
+    files = "results/detections_*_results.json" if is_coco(result.results) else "results/comp4_det_*.txt"
+    click.echo(f"wrote {result.out_dir} (aps.json, {files}{'' if detections_file else ', detections.pkl'})")
     if pr_plot:
         plot_pr_curves(read_pr(result.out_dir / "results", imdb.classes), pr_plot,
                        title=f"{'reval' if detections_file else step} on {imdb.name}")

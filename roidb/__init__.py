@@ -1,6 +1,8 @@
-"""The imdb/roidb layer of py-faster-rcnn: datasets, gt caches, proposals, training roidbs, minibatches, VOC eval.
+"""The imdb/roidb layer of py-faster-rcnn: datasets, gt caches, proposals, training roidbs, minibatches, VOC and
+COCO eval.
 
-Modules: ``imdb`` (base class), ``pascal_voc`` (VOC-format data), ``factory`` (``get_imdb`` by name),
-``synthetic`` (the embedded shapes demo set), ``safe_pickle`` (restricted unpickling), ``errors``,
-``training``, ``minibatch``, ``loader`` and ``voc_eval``.
+Modules: ``imdb`` (base class), ``pascal_voc`` (VOC-format data), ``coco`` (COCO-format data), ``factory``
+(``get_imdb`` by name), ``synthetic`` (the embedded shapes demo set and its COCO copy), ``voc_to_coco``,
+``safe_pickle`` (restricted unpickling), ``errors``, ``training``, ``minibatch``, ``loader``, ``voc_eval`` and
+``coco_eval`` (pycocotools' COCOeval).
 """

@@ -32,7 +32,7 @@ from roidb.errors import DataError
 from roidb.safe_pickle import safe_load
 
 __all__ = ["Imdb", "imdb", "read_image_size", "atomic_write_bytes", "default_data_root", "file_digest_update",
-           "GT_CACHE_VERSION"]
+           "is_crowd", "object_rows", "GT_CACHE_VERSION"]
 
 GT_CACHE_VERSION = 2
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -128,6 +128,18 @@ def file_digest_update(h: "hashlib._Hash", label: str, data: bytes) -> None:
     h.update(struct.pack("<QQ", len(encoded), len(data)))
     h.update(encoded)
     h.update(data)
+
+
+def is_crowd(entry: dict) -> np.ndarray:
+    """bool (N,): the rows of a roidb entry whose ``gt_overlaps`` are -1 at every class (COCO crowd boxes, and
+    proposals inside one): neither foreground nor background."""
+    overlaps = np.asarray(entry["gt_overlaps"])
+    return (overlaps < 0).all(axis=1) if overlaps.shape[1:] != (0,) else np.zeros(len(overlaps), dtype=bool)
+
+
+def object_rows(entry: dict) -> np.ndarray:
+    """bool (N,): the GT rows that are objects to find (``gt_classes`` > 0, not crowd)."""
+    return (np.asarray(entry["gt_classes"]) > 0) & ~is_crowd(entry)
 
 
 def _pack_roidb(roidb: list[dict]) -> dict:
@@ -344,7 +356,11 @@ class Imdb(abc.ABC):
 
     # ------------------------------------------------------------------ proposals
     def create_roidb_from_box_list(self, box_list: Sequence[np.ndarray], gt_roidb: list[dict] | None) -> list[dict]:
-        """Proposal entries from one (N, 4) array per image; overlaps with ``gt_roidb``'s boxes if given."""
+        """Proposal entries from one (N, 4) array per image; overlaps with ``gt_roidb``'s boxes if given.
+
+        A proposal's row holds its best IoU at the class of the GT box it overlaps most; crowd boxes (rows of -1)
+        take no part (as in Detectron: a proposal is never given a crowd box's class).
+        """
         if len(box_list) != self.num_images:
             raise DataError(self.name, f"box list has {len(box_list)} entries but the imdb has "
                                        f"{self.num_images} images")
@@ -352,9 +368,10 @@ class Imdb(abc.ABC):
         for i, boxes in enumerate(box_list):
             boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
             overlaps = np.zeros((len(boxes), self.num_classes), dtype=np.float32)
-            if gt_roidb is not None and len(gt_roidb[i]["boxes"]) > 0 and len(boxes) > 0:
-                gt_boxes = gt_roidb[i]["boxes"].astype(np.float64)
-                gt_classes = gt_roidb[i]["gt_classes"]
+            objects = object_rows(gt_roidb[i]) if gt_roidb is not None else np.zeros(0, dtype=bool)
+            if objects.any() and len(boxes) > 0:
+                gt_boxes = gt_roidb[i]["boxes"][objects].astype(np.float64)
+                gt_classes = gt_roidb[i]["gt_classes"][objects]
                 from kernels.boxes import bbox_overlaps  # here, so that digesting an imdb needs no torch
                 iou = bbox_overlaps(boxes.astype(np.float64), gt_boxes)
                 argmaxes = iou.argmax(axis=1)
@@ -428,7 +445,11 @@ class Imdb(abc.ABC):
     # ------------------------------------------------------------------ evaluation
     @abc.abstractmethod
     def evaluate_detections(self, all_boxes: list, output_dir: str | os.PathLike) -> dict:
-        """Score ``all_boxes[cls][image]`` ((N, 5) ``[x1, y1, x2, y2, score]``): ``{'aps': {...}, 'map': m}``."""
+        """Score ``all_boxes[cls][image]`` ((N, 5) ``[x1, y1, x2, y2, score]``): ``{'aps': {...}, 'map': m}``.
+
+        ``aps`` holds each class's AP at IoU 0.5 and ``map`` their mean. A COCO-format imdb adds ``'metric':
+        'coco'``, ``'aps_coco'`` (per-class AP at IoU .50:.05:.95) and ``'coco'`` (COCOeval's statistics).
+        """
 
     @abc.abstractmethod
     def competition_mode(self, on: bool) -> None:

@@ -34,7 +34,8 @@ def sample_rois(max_overlaps: np.ndarray, max_classes: np.ndarray, *, fg_thresh:
 
     Foreground: RoIs with ``max_overlaps >= fg_thresh``; ``min(fg_rois_per_image, #fg)`` of them are drawn
     without replacement. Background: RoIs with ``bg_thresh_lo <= max_overlaps < bg_thresh_hi``; the rest of
-    ``rois_per_image`` (or all of them when there are fewer) drawn without replacement. Nothing is padded, so
+    ``rois_per_image`` (or all of them when there are fewer) drawn without replacement; a row with overlap -1 (a
+    COCO crowd box, or a proposal inside one) is never drawn. Nothing is padded, so
     fewer than ``rois_per_image`` RoIs come back when an image is short of candidates.
 
     Args:
@@ -57,7 +58,8 @@ def sample_rois(max_overlaps: np.ndarray, max_classes: np.ndarray, *, fg_thresh:
     num_fg = int(min(fg_rois_per_image, fg_inds.size))
     if num_fg < fg_inds.size:
         fg_inds = rng.choice(fg_inds, size=num_fg, replace=False)
-    bg_inds = np.flatnonzero((max_overlaps < bg_thresh_hi) & (max_overlaps >= bg_thresh_lo))
+    # Rows of -1 (COCO crowd boxes and the proposals inside them) are never background, whatever BG_THRESH_LO.
+    bg_inds = np.flatnonzero((max_overlaps < bg_thresh_hi) & (max_overlaps >= bg_thresh_lo) & (max_overlaps >= 0))
     num_bg = int(max(0, min(rois_per_image - num_fg, bg_inds.size)))
     if num_bg < bg_inds.size:
         bg_inds = rng.choice(bg_inds, size=num_bg, replace=False)

@@ -12,6 +12,11 @@ solid/striped/checkered/speckled fills and a contrasting outline, over a noisy, 
 clutter that is no class (thin lines, open arcs, zigzags, faint irregular blobs). Objects may be cut by the
 border and partly hidden by later objects; each box is the object's visible extent (1-based in the XML).
 ``difficult=1`` marks the tiny (sqrt(w*h) < 20 px) and the heavily hidden (< 60% of the shape visible).
+
+``ensure_shapes_coco(root)`` adds the COCO-format copy: ``<root>/coco/instances_{trainval,test}.json`` whose
+``file_name`` entries point into ``<root>/VOC2007/JPEGImages`` (no pixel is stored twice), converted from the XML by
+:func:`roidb.voc_to_coco.voc_to_coco` (difficult objects become crowd annotations), and ``<root>/coco/manifest.json``
+keyed by the sha256 of the VOC set's manifest, so a regenerated VOC set regenerates its COCO copy.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import numpy as np
 from lxml import etree
 
 __all__ = ["SHAPE_CLASSES", "COLOURS", "TEXTURES", "GENERATOR_VERSION", "DEFAULT_SEED", "ensure_shapes_dataset",
-           "render_image", "read_manifest"]
+           "ensure_shapes_coco", "shapes_coco_paths", "render_image", "read_manifest"]
 
 SHAPE_CLASSES = ("ellipse", "rectangle", "triangle", "star", "cross", "ring")
 COLOURS = {"red": (40, 40, 215), "green": (50, 175, 40), "blue": (210, 90, 30), "yellow": (40, 215, 230),
@@ -360,3 +365,62 @@ def ensure_shapes_dataset(root: str | os.PathLike, *, seed: int = DEFAULT_SEED, 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# ---------------------------------------------------------------------- the COCO-format copy
+def shapes_coco_paths(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
+    """(annotation JSON, image folder) of the COCO-format copy of split ``split`` under ``root``."""
+    root = Path(root)
+    return root / "coco" / f"instances_{split}.json", root / "VOC2007" / "JPEGImages"
+
+
+def _coco_key(voc_dir: Path) -> str | None:
+    from roidb.voc_to_coco import CONVERTER_VERSION
+
+    try:
+        source = hashlib.sha256((voc_dir / "manifest.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return f"{CONVERTER_VERSION}:{source}"
+
+
+def _coco_is_complete(coco_dir: Path, key: str) -> bool:
+    manifest = read_manifest(coco_dir)
+    if not manifest or manifest.get("key") != key or not manifest.get("files"):
+        return False
+    for rel, digest in manifest["files"].items():
+        try:
+            if hashlib.sha256((coco_dir / rel).read_bytes()).hexdigest() != digest:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def ensure_shapes_coco(root: str | os.PathLike) -> Path:
+    """Make sure ``<root>/coco`` holds the COCO-format copy of the (complete) VOC set in ``<root>/VOC2007``.
+
+    Reuses a copy whose manifest key (converter version + sha256 of the VOC manifest) and file digests match;
+    otherwise converts every split of the VOC manifest and writes each file atomically, the manifest last.
+    Returns the ``coco`` folder.
+    """
+    from roidb.imdb import atomic_write_bytes
+    from roidb.voc_to_coco import voc_to_coco
+
+    root = Path(root)
+    voc_dir, coco_dir = root / "VOC2007", root / "coco"
+    key = _coco_key(voc_dir)
+    source = read_manifest(voc_dir)
+    if key is None or source is None:
+        raise FileNotFoundError(f"{voc_dir}: no shapes set to copy (generate it with ensure_shapes_dataset)")
+    if _coco_is_complete(coco_dir, key):
+        return coco_dir
+    digests = {}
+    for split in ("trainval", "test"):
+        doc = voc_to_coco(voc_dir, split, source.get("classes", SHAPE_CLASSES))
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        atomic_write_bytes(shapes_coco_paths(root, split)[0], data)
+        digests[f"instances_{split}.json"] = hashlib.sha256(data).hexdigest()
+    manifest = {"generator": "roidb.synthetic coco copy", "key": key, "files": digests}
+    atomic_write_bytes(coco_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+    return coco_dir

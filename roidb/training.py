@@ -145,10 +145,13 @@ def add_bbox_regression_targets(roidb: Sequence[dict], num_classes: int, bbox_th
 
 def filter_roidb(roidb: Iterable[dict], fg_thresh: float = 0.5, bg_thresh_hi: float = 0.5,
                  bg_thresh_lo: float = 0.1) -> list[dict]:
-    """Keep the entries with at least one foreground (>= fg_thresh) or background ([lo, hi)) RoI."""
+    """Keep the entries with at least one foreground (>= fg_thresh) or background ([lo, hi)) RoI.
+
+    Rows of -1 (COCO crowd boxes and the proposals inside them) count as neither.
+    """
     def usable(entry: dict) -> bool:
         ov = entry["max_overlaps"]
-        return bool(np.any(ov >= fg_thresh) or np.any((ov < bg_thresh_hi) & (ov >= bg_thresh_lo)))
+        return bool(np.any(ov >= fg_thresh) or np.any((ov < bg_thresh_hi) & (ov >= bg_thresh_lo) & (ov >= 0)))
     return [entry for entry in roidb if usable(entry)]
 
 

@@ -1,4 +1,4 @@
-"""The eval step: detect with the final model M4 on the test imdb and score it with the VOC metric.
+"""The eval step: detect with the final model M4 on the test imdb and score it with the imdb's metric (VOC or COCO).
 
 py-faster-rcnn's ``test_net``: ``im_detect`` per image (TEST.SCALES / MAX_SIZE, the RPN at TEST.RPN_PRE_NMS_TOP_N
 -> TEST.RPN_POST_NMS_TOP_N, class-specific boxes when TEST.BBOX_REG), then per class j >= 1 scores >
@@ -11,6 +11,13 @@ Outputs in the step folder:
     aps.json                            {"aps": {cls: ap}, "map": m, "use_07_metric": bool}
 
 Inference runs in float32 (PIPELINE.AMP applies to training). AP uses the VOC07 11-point metric for 2007-style sets (the imdb decides); metrics: mAP and AP_<cls>.
+
+A COCO-format imdb is scored with pycocotools' COCOeval instead (roidb.coco_eval); its files are
+``results/detections_<imdb>_results.json`` (COCO's results format), ``results/coco_eval.txt`` and
+``results/<cls>_pr.pkl``, and its metrics: ``mAP`` = AP50 (the mean over classes of AP at IoU 0.5, what ``mAP``
+means for VOC data too), ``AP`` (IoU .50:.05:.95), ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl``, ``AR1``,
+``AR10``, ``AR100`` and ``AP_<cls>`` (AP at IoU 0.5); aps.json adds the per-class AP at IoU .50:.05:.95
+(``aps_coco``) and every COCOeval statistic (``coco``).
 """
 from __future__ import annotations
 
@@ -35,7 +42,10 @@ from .engine.progress import ProgressBar
 from .proposals import read_image, write_pickle
 from .engine.runner import StepContext, StepResult
 
-__all__ = ["detect_image", "run_detector", "test_net", "format_ap_table", "evaluate"]
+__all__ = ["detect_image", "run_detector", "test_net", "format_ap_table", "format_coco_table", "format_results",
+           "is_coco", "metric_description", "results_metrics", "aps_document", "evaluate"]
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
 
 def _check_test_settings(config: Config) -> None:
@@ -113,9 +123,62 @@ def format_ap_table(aps: dict[str, float], mean_ap: float) -> str:
     return "\n".join(lines)
 
 
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_coco_table(results: dict) -> str:
+    """Per-class AP (IoU .50:.05:.95) and AP50, then COCOeval's AP/AR statistics, as aligned lines."""
+    aps, aps_coco, stats = results["aps"], results["aps_coco"], results["coco"]
+    width = max([len(c) for c in aps] + [len("class")])
+    lines = [f"{'class'.ljust(width)}  {'AP':<6}  AP50"]
+    lines += [f"{cls.ljust(width)}  {_cell(aps_coco[cls]):<6}  {_cell(ap)}" for cls, ap in aps.items()]
+    lines.append(f"{'mean'.ljust(width)}  {_cell(stats['AP']):<6}  {_cell(stats['AP50'])}")
+    lines.append("  ".join(f"{k} {_cell(stats[k])}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    lines.append("  ".join(f"{k} {_cell(stats[k])}" for k in ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")))
+    return "\n".join(lines)
+
+
+def is_coco(results: dict) -> bool:
+    """Whether ``results`` (of :meth:`Imdb.evaluate_detections`) came from COCOeval."""
+    return results.get("metric") == "coco"
+
+
+def metric_description(imdb: Imdb, results: dict, voc_area: str = "VOC area") -> str:
+    """'VOC07 11-point AP at IoU 0.5', '<voc_area> AP at IoU 0.5' or the COCOeval description."""
+    if is_coco(results):
+        return "COCO bbox AP (pycocotools COCOeval: IoU .50:.05:.95, 101 recall points)"
+    return f"{'VOC07 11-point' if getattr(imdb, 'use_07_metric', False) else voc_area} AP at IoU 0.5"
+
+
+def format_results(results: dict) -> str:
+    """The table :meth:`Imdb.evaluate_detections`'s results print as (VOC or COCO)."""
+    return format_coco_table(results) if is_coco(results) else format_ap_table(results["aps"], results["map"])
+
+
+def results_metrics(results: dict) -> dict:
+    """Manifest metrics: mAP (AP at IoU 0.5, averaged over classes), COCO's statistics, AP_<cls> at IoU 0.5."""
+    def rounded(values: dict) -> dict:
+        return {k: round(v, 6) for k, v in values.items() if v is not None}
+    metrics = rounded({"mAP": results["map"]})
+    if is_coco(results):
+        metrics.update(rounded({k: results["coco"][k] for k in COCO_METRICS}))
+    metrics.update(rounded({f"AP_{c}": a for c, a in results["aps"].items()}))
+    return metrics
+
+
+def aps_document(imdb: Imdb, results: dict, extra: dict | None = None) -> dict:
+    """What aps.json holds: per-class AP, mAP, the metric; for COCO also aps_coco and every COCOeval statistic."""
+    doc = {"aps": results["aps"], "map": results["map"], "use_07_metric": bool(getattr(imdb, "use_07_metric", False))}
+    if is_coco(results):
+        doc.update({"metric": "coco", "aps_coco": results["aps_coco"], "coco": results["coco"]})
+    return {**doc, **(extra or {})}
+
+
 def evaluate(ctx: StepContext) -> StepResult:
     """Detect with the final model (its first upstream step's model.pt: M4 in alt_opt) on PIPELINE.TEST_IMDB;
-    write detections, comp4 files, APs; metrics mAP and AP_<cls>."""
+    write detections, the imdb's results files (comp4 or COCO JSON), APs; metrics mAP and AP_<cls> (and
+    COCOeval's statistics on COCO-format data)."""
     _check_test_settings(ctx.config)
     imdb = load_imdb(ctx.config, "PIPELINE.TEST_IMDB")
     model = load_stage_model(ctx.config, ctx.input_file(ctx.step.upstream[0], "model.pt"), imdb.classes, ctx.device)
@@ -125,15 +188,12 @@ def evaluate(ctx: StepContext) -> StepResult:
     write_pickle(ctx.step_dir / "detections.pkl", all_boxes)
     imdb.competition_mode(True)
     results = imdb.evaluate_detections(all_boxes, ctx.step_dir / "results")
-    aps, mean_ap = results["aps"], results["map"]
-    use_07 = bool(getattr(imdb, "use_07_metric", False))
-    atomic_write_text(ctx.step_dir / "aps.json",
-                      json.dumps({"aps": aps, "map": mean_ap, "use_07_metric": use_07}, indent=1) + "\n")
-    ctx.log(f"{imdb.name}: {imdb.num_images} images, {'VOC07 11-point' if use_07 else 'VOC area'} AP at IoU 0.5")
-    for line in format_ap_table(aps, mean_ap).splitlines():
+    atomic_write_text(ctx.step_dir / "aps.json", json.dumps(aps_document(imdb, results), indent=1) + "\n")
+    ctx.log(f"{imdb.name}: {imdb.num_images} images, {metric_description(imdb, results)}")
+    for line in format_results(results).splitlines():
         ctx.log(line)
     outputs = ["detections.pkl", "aps.json"] + sorted(
         str(p.relative_to(ctx.step_dir)) for p in (ctx.step_dir / "results").iterdir() if p.is_file())
-    metrics = {"mAP": round(mean_ap, 6), **{f"AP_{c}": round(a, 6) for c, a in aps.items()},
-               "num_images": imdb.num_images, "num_detections": int(sum(len(d) for c in all_boxes[1:] for d in c))}
+    metrics = {**results_metrics(results), "num_images": imdb.num_images,
+               "num_detections": int(sum(len(d) for c in all_boxes[1:] for d in c))}
     return StepResult(outputs=outputs, metrics=metrics)

@@ -23,7 +23,7 @@ import torch
 from kernels.boxes import bbox_overlaps
 from nets import FasterRCNN, prep_image
 from roidb.errors import DataError
-from roidb.imdb import Imdb
+from roidb.imdb import Imdb, object_rows
 
 from .engine.artifacts import atomic_write_bytes
 from .engine.config import Config
@@ -106,7 +106,7 @@ def write_pickle(path, obj) -> None:
 
 
 def _recall_metrics(boxes: list[np.ndarray], imdb: Imdb) -> dict[str, float]:
-    gt = [e["boxes"][e["gt_classes"] > 0] for e in imdb.gt_roidb()]
+    gt = [e["boxes"][object_rows(e)] for e in imdb.gt_roidb()]
     metrics = {}
     for top_n, suffix in ((RECALL_TOP_N, f"_top{RECALL_TOP_N}"), (None, "")):
         for iou in (0.5, 0.7):

@@ -1,4 +1,7 @@
 """get_imdb / get_imdbs / list_imdbs: every kind of name, combined 'a+b' names, and unknown names."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from roidb.errors import DataError
@@ -41,7 +44,8 @@ def test_missing_devkit_names_the_folder(tmp_path):
     assert str(tmp_path / "VOCdevkit2012" / "VOC2012") in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["voc_2010_trainval", "voc_2007_minival", "coco_2014_train", "shapes_val", ""])
+@pytest.mark.parametrize("name", ["voc_2010_trainval", "voc_2007_minival", "coco_2015_test", "coco_2017_minival",
+                                  "shapes_val", "shapes_coco_val", ""])
 def test_unknown_name_lists_the_known_ones(tmp_path, name):
     with pytest.raises(DataError) as err:
         get_imdb(name, data_root=tmp_path)
@@ -93,3 +97,33 @@ def test_shapes_generated_on_first_use(shapes_root):
     assert len(imdb.gt_roidb()) == imdb.num_images
     again = get_imdb("shapes_trainval", data_root=shapes_root)  # reused, not regenerated
     assert again.num_images >= 400 and again.image_index[0] == "000001"
+
+
+def test_shapes_coco_roidb_equals_the_voc_roidb_entry_by_entry(shapes_root):
+    """The COCO-format copy of the shapes set: same images (no copy of the pixels), same boxes and classes.
+
+    VOC drops difficult objects (use_diff False); the COCO copy holds them as crowd boxes (overlaps -1). So the
+    COCO roidb equals the use_diff=True VOC roidb in boxes, classes and areas, and its non-crowd rows equal the
+    default VOC roidb exactly."""
+    for split in ("test", "trainval"):
+        coco = get_imdb(f"shapes_coco_{split}", data_root=shapes_root)
+        voc = get_imdb(f"shapes_{split}", data_root=shapes_root)
+        voc_diff = get_imdb(f"shapes_{split}", data_root=shapes_root, use_diff=True,
+                            cache_dir=shapes_root / "cache_diff")
+        assert coco.name == f"shapes_coco_{split}" and coco.classes == voc.classes
+        assert coco.image_index == [str(int(i)) for i in voc.image_index]
+        assert [coco.image_path_at(i) for i in range(coco.num_images)] == \
+            [str(Path(voc.image_path_at(i)).resolve()) for i in range(voc.num_images)]
+        np.testing.assert_array_equal(coco.image_sizes(), voc.image_sizes())
+        crowd_total = 0
+        for c, v, d in zip(coco.gt_roidb(), voc.gt_roidb(), voc_diff.gt_roidb()):
+            for key in ("boxes", "gt_classes", "seg_areas"):
+                np.testing.assert_array_equal(c[key], d[key])
+                assert c[key].dtype == d[key].dtype
+            crowd = (c["gt_overlaps"] == -1).all(axis=1)
+            crowd_total += int(crowd.sum())
+            for key in ("boxes", "gt_classes", "gt_overlaps", "seg_areas"):
+                np.testing.assert_array_equal(c[key][~crowd], v[key])
+            assert c["flipped"] == v["flipped"] is False
+        assert crowd_total == sum(len(d["boxes"]) - len(v["boxes"]) for d, v in
+                                  zip(voc_diff.gt_roidb(), voc.gt_roidb())) > 0

@@ -21,7 +21,7 @@ import numpy as np
 
 from kernels.boxes import bbox_overlaps
 from roidb.errors import DataError
-from roidb.imdb import Imdb
+from roidb.imdb import Imdb, object_rows
 from roidb.safe_pickle import safe_load
 
 from ..engine.config import Config, experiment_dir
@@ -171,7 +171,7 @@ def inspect_pickle(proposal_file: str | os.PathLike, imdb: Imdb, top_ns: Sequenc
     check_boxes_in_images(boxes, imdb.image_sizes(), path, imdb.image_index)
     scores_path = find_scores_file(path)
     scores = load_scores(scores_path, boxes) if scores_path is not None else None
-    gt = [e["boxes"][e["gt_classes"] > 0] for e in imdb.gt_roidb()]
+    gt = [e["boxes"][object_rows(e)] for e in imdb.gt_roidb()]
     bar = ProgressBar(len(boxes), label)
     stats = proposal_stats(boxes, gt, source=path, imdb_name=imdb.name, scores=scores,
                            scores_file=None if scores_path is None else str(scores_path), top_ns=top_ns,

@@ -7,6 +7,9 @@ Outputs, in the chosen folder (``output/<EXP_DIR>/eval_<step>_<imdb>/`` by defau
     results/comp4_det_<set>_<cls>.txt   VOC results files (1-based coordinates)
     results/<cls>_pr.pkl                {'rec', 'prec', 'ap'} per class
     aps.json                            {"aps": {cls: ap}, "map": m, "use_07_metric": bool, "step": ..., "imdb": ...}
+
+On a COCO-format imdb the results files are COCO's (results/detections_<imdb>_results.json, coco_eval.txt) and
+aps.json adds the COCOeval statistics (see stages.evaluation).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from roidb.safe_pickle import safe_load
 from ..engine.artifacts import atomic_write_text
 from ..engine.config import Config, data_root, experiment_dir
 from ..engine.errors import PipelineError
-from ..evaluation import _check_test_settings, detect_image, run_detector
+from ..evaluation import _check_test_settings, aps_document, detect_image, run_detector
 from ..settings import load_stage_model, pixel_means
 from ..proposals import write_pickle
 
@@ -42,11 +45,13 @@ DetectFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 @dataclass
 class EvalResult:
-    """Per-class AP ({class: ap}), mAP, the metric used and the folder holding the files."""
+    """Per-class AP ({class: ap}), mAP, the metric used, the folder holding the files and the imdb's full results
+    (for COCO: every COCOeval statistic)."""
     aps: dict[str, float]
     map: float
     use_07_metric: bool
     out_dir: Path
+    results: dict | None = None
 
 
 def eval_imdb(config: Config, name: str | None = None, use_07_metric: bool | None = None) -> Imdb:
@@ -99,11 +104,10 @@ def unshared_detect_image(rpn_model: FasterRCNN, det_model: FasterRCNN, im: np.n
 def _score(all_boxes: list, imdb: Imdb, out_dir: Path, extra: dict) -> EvalResult:
     imdb.competition_mode(True)
     results = imdb.evaluate_detections(all_boxes, out_dir / "results")
-    use_07 = bool(getattr(imdb, "use_07_metric", False))
-    atomic_write_text(out_dir / "aps.json", json.dumps({"aps": results["aps"], "map": results["map"],
-                                                        "use_07_metric": use_07, "imdb": imdb.name, **extra},
-                                                       indent=1) + "\n")
-    return EvalResult(aps=results["aps"], map=results["map"], use_07_metric=use_07, out_dir=out_dir)
+    document = aps_document(imdb, results, {"imdb": imdb.name, **extra})
+    atomic_write_text(out_dir / "aps.json", json.dumps(document, indent=1) + "\n")
+    return EvalResult(aps=results["aps"], map=results["map"], use_07_metric=document["use_07_metric"],
+                      out_dir=out_dir, results=results)
 
 
 def step_detector(config: Config, step: str, classes: tuple[str, ...] | list[str]) -> DetectFn:

@@ -209,7 +209,7 @@ class PascalVoc(Imdb):
     def image_path_from_index(self, index: str) -> str:
         path = self._data_path / "JPEGImages" / f"{index}{self._image_ext}"
         if not path.is_file():
-            raise DataError(path, f"image not found (listed in {self.image_set_file()})")
+            raise DataError(path, f"image file not found (listed in {self.image_set_file()})")
         return str(path)
 
     def annotation_path(self, index: str) -> Path:

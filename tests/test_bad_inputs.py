@@ -111,7 +111,7 @@ def test_missing_jpeg(ws, capsys):
     def damage(ws, image_id):
         (ws.voc / "JPEGImages" / f"{image_id}.jpg").unlink()
     line = damage_training_data(ws, capsys, damage)
-    assert f"JPEGImages/{first_train_id(ws)}.jpg: image not found" in line
+    assert f"JPEGImages/{first_train_id(ws)}.jpg: image file not found" in line
 
 
 def test_zero_byte_jpeg(ws, capsys):

@@ -4,9 +4,19 @@ Nothing is compiled at ``import kernels``: :func:`backend` builds on the first o
 ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``) and logs how long it took.
 ``FRCNN_KERNELS=reference`` selects the pure-torch reference; so does a failed build (no C++ compiler),
 with a one-time warning.
+
+Two guards around torch's build cache:
+- the extension's name carries a hash of its sources (and the torch version), so two checkouts with different
+  kernel sources sharing one TORCH_EXTENSIONS_DIR never rebuild over each other, and a build is only ever loaded
+  for the sources it was built from;
+- torch marks a build in progress with a plain ``lock`` file that a killed build leaves behind, after which every
+  later load waits for ever. Builds here hold an ``fcntl`` lock (released by the kernel when its holder dies)
+  around torch's, so a ``lock`` file found while holding it is stale and is removed.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -34,11 +44,35 @@ build_seconds: dict[str, float] = {}
 _warned = False
 
 
+def _build_root() -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory("", verbose=False))
+
+
 def _load(name: str, sources: list[str], cuda: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
     t0 = time.perf_counter()
-    mod = cpp_extension.load(
+    root = _build_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # held until the build or load is over; released if we die
+        stale = root / name / "lock"
+        if stale.exists():
+            log.warning("kernels: removing %s, left by a build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        mod = _cpp_load(cpp_extension, name, sources, cuda)
+    build_seconds[name] = time.perf_counter() - t0
+    # A cached load takes milliseconds; anything slow was a compile, which the user should see once.
+    level = logging.WARNING if build_seconds[name] > 2.0 else logging.DEBUG
+    log.log(level, "kernels: built the %s extension in %.1f s (one-time; cached under %s)", name,
+            build_seconds[name], os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default torch_extensions dir"))
+    return mod
+
+
+def _cpp_load(cpp_extension, name: str, sources: list[str], cuda: bool) -> ModuleType:
+    return cpp_extension.load(
         name=name,
         sources=[str(CSRC / s) for s in sources],
         extra_cflags=CFLAGS,
@@ -47,12 +81,6 @@ def _load(name: str, sources: list[str], cuda: bool) -> ModuleType:
         with_cuda=cuda,
         verbose=False,
     )
-    build_seconds[name] = time.perf_counter() - t0
-    # A cached load takes milliseconds; anything slow was a compile, which the user should see once.
-    level = logging.WARNING if build_seconds[name] > 2.0 else logging.DEBUG
-    log.log(level, "kernels: built the %s extension in %.1f s (one-time; cached under %s)", name,
-            build_seconds[name], os.environ.get("TORCH_EXTENSIONS_DIR", "torch's default torch_extensions dir"))
-    return mod
 
 
 def _get(name: str, sources: list[str], cuda: bool) -> ModuleType | None:
@@ -72,9 +100,14 @@ def _get(name: str, sources: list[str], cuda: bool) -> ModuleType | None:
 
 
 def _name(kind: str) -> str:
-    # The torch version is part of the name: a build cached for one torch must never load into another.
+    # The torch version and the sources are part of the name: a build cached for one torch or one version of the
+    # sources must never load into another.
     version = "".join(ch if ch.isalnum() else "_" for ch in torch.__version__)
-    return f"frcnn_kernels_{kind}_torch{version}"
+    sources = CPU_SOURCES if kind == "cpu" else CUDA_SOURCES
+    h = hashlib.sha256()
+    for source in sorted(set(sources) | {p.name for p in CSRC.glob("*.h")}):
+        h.update(source.encode() + b"\0" + (CSRC / source).read_bytes())
+    return f"frcnn_kernels_{kind}_torch{version}_{h.hexdigest()[:10]}"
 
 
 def cpu_extension() -> ModuleType | None:

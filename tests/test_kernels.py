@@ -416,3 +416,42 @@ def test_import_does_not_build(tmp_path):
     env = {**__import__("os").environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     root = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
     assert subprocess.run([sys.executable, "-c", code], cwd=root, env=env).returncode == 0
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """torch's build cache marks a build with a plain `lock` file; a build killed mid-way left one behind and every
+    later load waited for ever (found by the kill campaign while another checkout rebuilt the same extension)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mod = build.cpu_extension()
+    if mod is None:
+        pytest.skip("no C++ compiler: the reference kernels are used")
+    name = build._name("cpu")
+    stale = build._build_root() / name / "lock"
+    stale.touch()
+    code = "import torch, kernels.build as b; sys_ok = b.cpu_extension() is not None; raise SystemExit(0 if sys_ok else 1)"
+    root = Path(__file__).resolve().parent.parent
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ), timeout=120,
+                              capture_output=True, text=True)
+    finally:
+        stale.unlink(missing_ok=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "left by a build that was killed" in proc.stderr
+
+
+def test_the_extension_name_follows_the_sources(monkeypatch, tmp_path):
+    """Two checkouts with different kernel sources get different builds (no rebuilding over each other)."""
+    import shutil
+
+    before = build._name("cpu")
+    copy = tmp_path / "csrc"
+    shutil.copytree(build.CSRC, copy)
+    monkeypatch.setattr(build, "CSRC", copy)
+    assert build._name("cpu") == before
+    (copy / "nms_cpu.cpp").write_text((copy / "nms_cpu.cpp").read_text() + "\n// edited\n")
+    assert build._name("cpu") != before
+    assert build._name("cpu").startswith(before[:-10])

@@ -323,3 +323,32 @@ def test_an_isolated_step_reports_bad_input_in_one_line_too(ws, capsys):
     edit_xml(ws, first_train_id(ws), r"<name>\w+</name>", "<name>unicorn</name>")
     line = refused(ws, capsys, digest_tree(ws.out), "--force", "stage1", **{"PIPELINE.ISOLATE_STEPS": "True"})
     assert line.startswith("error: stage1: ") and "unknown class 'unicorn'" in line
+
+
+# --------------------------------------------------------------------------------------------- round 2: config ranges
+RANGE_CASES = [("TRAIN.RPN_BATCHSIZE", "0"), ("TRAIN.BATCH_SIZE", "0"), ("PIPELINE.ANCHOR_RATIOS", "[0]"),
+               ("TRAIN.FG_THRESH", "2"), ("TRAIN.SCALES", "[0]"), ("TRAIN.MAX_SIZE", "0"), ("TEST.MAX_SIZE", "0"),
+               ("PIPELINE.ANCHOR_SCALES", "[]"), ("PIPELINE.MOMENTUM", "-0.5"), ("PIPELINE.WEIGHT_DECAY", "-1"),
+               ("RNG_SEED", "-3"), ("TRAIN.SCALES", "[[96]]")]
+
+
+def test_settings_that_would_train_garbage_are_refused_at_load_naming_the_key(ws, capsys):
+    """Each of these trained with loss 0 (or crashed in cv2/torch) before; now the config load refuses them."""
+    before = digest_tree(ws.out)
+    for key, raw in RANGE_CASES:
+        line = refused(ws, capsys, before, "--force", "stage1", **{key: raw})
+        assert line.startswith(f"error: --set {key} {raw}: config key {key} "), line
+    assert manifest(ws.exp, "stage1")["outputs"] == ws.baseline["stage1"]
+
+
+def test_alias_bomb_config_file_is_refused_in_under_a_second(ws, capsys, tmp_path):
+    import time
+    from test_config import alias_bomb
+    bomb = tmp_path / "bomb.yml"
+    bomb.write_text(alias_bomb())
+    before = digest_tree(ws.out)
+    start = time.perf_counter()
+    code, out, err = cli(capsys, ws, "run", "--config", str(bomb))
+    assert time.perf_counter() - start < 1.0
+    assert code == 2 and f"{bomb} line 1: YAML anchors and aliases" in error_line(err)
+    assert changed_files(before, digest_tree(ws.out)) == []

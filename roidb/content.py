@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from roidb.guard import checked_write_path
 from roidb.errors import DataError
 
 __all__ = ["StatCache", "hash_file", "content_listing", "content_digest", "describe_content_change",
@@ -75,6 +76,7 @@ def _usable_cpus() -> int:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    path = checked_write_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from roidb.guard import checked_write_path
 from roidb.content import StatCache, content_digest, content_listing
 from roidb.errors import DataError
 from roidb.safe_pickle import safe_load
@@ -46,7 +47,7 @@ def default_data_root() -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
+    path = checked_write_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from faults import (EXP, STEPS, Workspace, changed_files, cli, digest_tree, error_line, hostile_pickle,
@@ -352,3 +353,79 @@ def test_alias_bomb_config_file_is_refused_in_under_a_second(ws, capsys, tmp_pat
     assert time.perf_counter() - start < 1.0
     assert code == 2 and f"{bomb} line 1: YAML anchors and aliases" in error_line(err)
     assert changed_files(before, digest_tree(ws.out)) == []
+
+
+# --------------------------------------------------------------------------------------------- round 2: containment
+def listing(*folders: Path) -> set[str]:
+    """Every path below `folders` (names only: the before/after picture of the filesystem around the roots)."""
+    found: set[str] = set()
+    for folder in folders:
+        if folder.exists():
+            found.add(str(folder))
+            found.update(str(p) for p in folder.rglob("*"))
+    return found
+
+
+def test_no_name_in_the_config_or_the_data_can_write_outside_the_roots(ws, capsys, tmp_path_factory):
+    """`../` and absolute names through every name-bearing key: classes, EXP_DIR, vocfmt split, imdb names,
+    image ids, cocofmt parts. Each is refused in one line, and nothing appears anywhere around the roots."""
+    import uuid
+    tag = f"escape_{uuid.uuid4().hex[:8]}"
+    tmp = Path("/tmp")
+    around = [ws.root.parent, tmp / tag]
+    before_around, before_tmp = listing(*around), set(map(str, tmp.iterdir()))
+    escapes = [f"../../../../../../../../tmp/{tag}/evil", f"/tmp/{tag}/evil", "../evil", f"{tag}/../../evil"]
+    keys: list[dict[str, str]] = []
+    for name in escapes:
+        keys.append({"PIPELINE.CLASSES": repr(["ellipse", "rectangle", "triangle", "star", "cross", name])})
+        keys.append({"EXP_DIR": name})
+        keys.append({"PIPELINE.TRAIN_IMDB": f"vocfmt:{ws.voc}:{name}"})
+        keys.append({"PIPELINE.TEST_IMDB": f"vocfmt:{ws.voc}:{name}"})
+        keys.append({"PIPELINE.TEST_IMDB": f"cocofmt:{ws.root}/{name}.json:{ws.root}/{name}"})
+        keys.append({"PIPELINE.TRAIN_IMDB": f"voc_2007_{name}"})
+    baseline = digest_tree(ws.out)
+    for overrides in keys:
+        code, out, err = cli(capsys, ws, "run", "--force", "stage1", **overrides)
+        assert code == 2, (overrides, out, err)
+        line = error_line(err)
+        assert any(part in line for part in ("not a plain name", "EXP_DIR must be a relative folder name",
+                                             "not found", "unknown imdb name", "does not exist",
+                                             "a class list is only accepted")), line
+    image_sets = ws.voc / "ImageSets" / "Main" / "trainval.txt"
+    for name in escapes:  # an image id is a name too
+        image_sets.write_text(f"{name}\n" + image_sets.read_text())
+        code, out, err = cli(capsys, ws, "run", "--force", "stage1")
+        assert code == 2 and "image id" in error_line(err) and "not a plain name" in err, err
+        image_sets.write_text(image_sets.read_text().split("\n", 1)[1])
+    assert changed_files(baseline, digest_tree(ws.out), content_only=(CONFIG_YML,)) == []
+    assert listing(*around) - before_around - listing(ws.out, ws.data_root) == set()
+    assert set(map(str, tmp.iterdir())) - before_tmp == set() or not (tmp / tag).exists()
+    assert not (tmp / tag).exists()
+
+
+def test_the_write_guard_catches_an_escape_that_no_name_check_saw(tmp_path):
+    """Defence in depth: with the CLI's roots installed, a writer handed an escaping path refuses it (PathEscapeError,
+    one line) before creating anything, in the engine (atomic writes) and in roidb (eval files, caches)."""
+    import stages.write_guard  # noqa: F401  (installs the roidb guard)
+    from roidb.imdb import atomic_write_bytes as roidb_write
+    from roidb.voc_eval import write_voc_results_files
+    from stages.engine.artifacts import atomic_write_text
+    from stages.engine.paths import PathEscapeError, set_write_roots
+    out, data = tmp_path / "out", tmp_path / "data"
+    previous = set_write_roots([out, data])
+    try:
+        atomic_write_text(out / "exp" / "ok.txt", "fine")
+        roidb_write(data / "cache" / "ok.pkl", b"fine")
+        for target in (out / ".." / "evil.txt", tmp_path / "evil.txt", Path("/tmp") / "evil_guard.txt"):
+            with pytest.raises(PathEscapeError, match="refused to write outside"):
+                atomic_write_text(target, "x")
+            with pytest.raises(PathEscapeError, match="refused to write outside"):
+                roidb_write(target, b"x")
+        with pytest.raises(PathEscapeError):
+            write_voc_results_files([[np.zeros((0, 5), np.float32)]] * 2, ["a"],
+                                    ["__background__", "/../../../../../../../../../tmp/evil_guard"],
+                                    str(out / "exp" / "results"), "test")
+    finally:
+        set_write_roots(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+    assert not Path("/tmp/evil_guard.txt").exists()

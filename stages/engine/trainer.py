@@ -33,6 +33,7 @@ from .config import SolverSettings
 from .distributed import SINGLE, DistContext, wrap_loss
 from .errors import Interrupted, NonFiniteLossError, PipelineError, SnapshotMismatchError, StepFailedError
 from .lock import defer_interrupts, raise_if_interrupted
+from .paths import contained
 from .progress import ProgressBar
 
 LOG_NAME = "log.jsonl"
@@ -371,7 +372,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, sol
     iters, stepsize, iter_size, label = solver.iters, solver.stepsize, solver.iter_size, reporter.label
     echo = reporter.echo
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    contained(out_dir).mkdir(parents=True, exist_ok=True)
     if iters <= 0 or stepsize <= 0 or iter_size <= 0:
         raise ValueError(f"{label}: iters, stepsize and iter_size must be > 0, got {iters}, {stepsize}, {iter_size}")
     if not dist.is_main:

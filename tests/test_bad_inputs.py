@@ -429,3 +429,159 @@ def test_the_write_guard_catches_an_escape_that_no_name_check_saw(tmp_path):
         set_write_roots(previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
     assert not Path("/tmp/evil_guard.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------- round 2: images
+def jpeg_of(ws: Workspace, image_id: str) -> Path:
+    return ws.voc / "JPEGImages" / f"{image_id}.jpg"
+
+
+def test_a_fifo_directory_or_device_where_an_image_is_expected_says_what_it_is(ws, capsys):
+    import os
+    kinds = {"a FIFO (named pipe)": lambda p: os.mkfifo(p), "a directory": lambda p: p.mkdir(),
+             "a character device": lambda p: p.symlink_to("/dev/zero")}
+    for words, make in kinds.items():
+        def damage(ws, image_id, make=make):
+            jpeg_of(ws, image_id).unlink()
+            make(jpeg_of(ws, image_id))
+        line = damage_training_data(ws, capsys, damage)
+        assert f"JPEGImages/{first_train_id(ws)}.jpg: image file is {words}, not a regular file" in line, line
+        ws.reset()
+
+
+def test_demo_on_a_fifo_does_not_block(ws, tmp_path):
+    import os
+    fifo = tmp_path / "camera.jpg"
+    os.mkfifo(fifo)
+    proc = ws.run("demo", str(fifo), "--out", str(tmp_path / "demo"), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{fifo}: image file is a FIFO (named pipe), not a regular file" in error_line(proc.stderr)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_truncated_jpeg_is_refused_not_trained_on(ws, capsys):
+    def damage(ws, image_id):
+        data = jpeg_of(ws, image_id).read_bytes()
+        jpeg_of(ws, image_id).write_bytes(data[: len(data) * 2 // 3])
+    line = damage_training_data(ws, capsys, damage)
+    assert f"JPEGImages/{first_train_id(ws)}.jpg: truncated JPEG (no end-of-image marker)" in line
+
+
+def set_jpeg_header_size(path: Path, width: int, height: int) -> None:
+    """Rewrite the SOF0 segment's size fields (the pixels stay as they are)."""
+    import struct
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\xff\xc0")
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+
+
+def test_a_jpeg_whose_header_disagrees_with_the_xml_or_is_absurd(ws, capsys):
+    image_id = first_train_id(ws)
+    xml = (ws.voc / "Annotations" / f"{image_id}.xml").read_text()
+    width, height = (int(re.search(rf"<{k}>(\d+)</{k}>", xml).group(1)) for k in ("width", "height"))
+
+    def smaller(ws, image_id):
+        set_jpeg_header_size(jpeg_of(ws, image_id), width - 8, height)
+    line = damage_training_data(ws, capsys, smaller)
+    assert f"{image_id}.xml: <size> says {width}x{height} but the image is {width - 8}x{height}" in line
+    ws.reset()
+
+    def absurd(ws, image_id):
+        set_jpeg_header_size(jpeg_of(ws, image_id), 20000, 20000)
+    line = damage_training_data(ws, capsys, absurd)
+    assert f"{image_id}.jpg: image header claims 20000x20000 pixels, over the 100,000,000-pixel limit" in line
+
+
+def test_decode_checks_the_header_against_the_annotation_and_the_decode_itself(tmp_path):
+    """Before decoding: the header's size against the annotation's; after: that the decode worked."""
+    import cv2
+    from roidb.errors import DataError
+    from roidb.imdb import decode_image
+    path = tmp_path / "x.jpg"
+    cv2.imwrite(str(path), np.full((40, 60, 3), 128, np.uint8))
+    assert decode_image(path, (40, 60)).shape == (40, 60, 3)
+    set_jpeg_header_size(path, 30, 40)
+    with pytest.raises(DataError, match=r"x\.jpg: image is 30x40 but its annotation says 60x40"):
+        decode_image(path, (40, 60))
+    png = tmp_path / "y.png"
+    cv2.imwrite(str(png), np.full((40, 60, 3), 128, np.uint8))
+    data = bytearray(png.read_bytes())
+    data[60:80] = b"\x00" * 20  # inside the IDAT stream: the CRC and inflate fail
+    png.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"y\.png: cannot decode image"):
+        decode_image(png, (40, 60))
+
+
+# --------------------------------------------------------------------------------------------- round 2: XML
+def test_an_xml_with_an_external_entity_says_so_in_training_and_in_eval(ws, capsys, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("ellipse")
+
+    def damage(ws, image_id):
+        path = ws.voc / "Annotations" / f"{image_id}.xml"
+        text = path.read_text()
+        decl = f'<?xml version="1.0"?>\n<!DOCTYPE annotation [<!ENTITY xxe SYSTEM "file://{secret}">]>\n'
+        path.write_text(decl + re.sub(r"<name>\w+</name>", "<name>&xxe;</name>", text.split("?>", 1)[-1]
+                                      if text.startswith("<?xml") else text, count=1))
+    line = damage_training_data(ws, capsys, damage)
+    assert f"{first_train_id(ws)}.xml: XML declares the entity 'xxe' (<!ENTITY ...>)" in line
+    from roidb.errors import DataError
+    from roidb.voc_eval import parse_rec
+    with pytest.raises(DataError, match=r"XML declares the entity 'xxe'"):  # eval's reader: the same parser
+        parse_rec(str(ws.voc / "Annotations" / f"{first_train_id(ws)}.xml"))
+
+
+def test_a_5000_digit_coordinate_gives_a_short_line(ws, capsys):
+    def damage(ws, image_id):
+        edit_xml(ws, image_id, r"<xmax>\d+</xmax>", "<xmax>" + "9" * 5000 + "</xmax>")
+    line = damage_training_data(ws, capsys, damage)
+    assert f"{first_train_id(ws)}.xml: object[0]" in line and len(line) < 500, line
+
+
+# --------------------------------------------------------------------------------------------- round 2: state files
+@pytest.mark.parametrize("field, value", [("outputs", ["model.pt"]), ("progress", 7), ("metrics", "good"),
+                                          ("fingerprint", 42), ("fingerprint", "../../../x"), ("timings", [1]),
+                                          ("outputs", {"../../../etc/passwd": "0" * 64})])
+def test_a_hand_edited_manifest_with_a_wrong_type_reads_as_not_done(ws, capsys, field, value):
+    path = ws.exp / "stage4" / "manifest.json"
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    code, out, err = cli(capsys, ws, "status")
+    assert code == 0 and "Traceback" not in err, err
+    assert re.search(r"stage4\s+stale: manifest unreadable", out), out
+    code, out, err = cli(capsys, ws, "run", "--until", "stage4")
+    assert code == 0 and "Traceback" not in err, err
+    assert manifest(ws.exp, "stage4")["status"] == "done"
+    assert manifest(ws.exp, "stage4")["outputs"] == ws.baseline["stage4"], "re-run reproduces M4 bit for bit"
+
+
+def test_an_annotation_cache_of_the_wrong_shape_is_rebuilt(ws, capsys):
+    code, out, err = cli(capsys, ws, "eval")
+    assert code == 0, err
+    caches = list(ws.data_root.rglob("annots_*.json"))
+    assert caches, "eval keeps a parsed-annotation cache"
+    good = [c.read_text() for c in caches]
+    for bad in ('["not", "a", "dict"]', '{"%s": 3}', '{"%s": [{"name": 1, "bbox": "x"}]}', "[[[[[[["):
+        for c in caches:
+            c.write_text(bad.replace("%s", "000001") if "%s" in bad else bad)
+        code, out2, err = cli(capsys, ws, "eval")
+        assert code == 0 and "Traceback" not in err, err
+        assert out2.splitlines()[1:] == out.splitlines()[1:]
+    assert [c.read_text() for c in caches] == good, "rebuilt from the XML"
+
+
+def test_a_training_set_with_no_objects_says_so_naming_the_imdb(ws, capsys):
+    def damage(ws, image_id):
+        for xml in (ws.voc / "Annotations").glob("*.xml"):
+            xml.write_text(re.sub(r"<object>.*?</object>", "", xml.read_text(), flags=re.S))
+    line = damage_training_data(ws, capsys, damage)
+    assert "vocfmt_VOC2007_" in line and "_trainval: the training set has no objects" in line
+
+
+def test_a_lock_left_by_another_host_says_how_to_release_it(ws, capsys):
+    (ws.exp / ".lock").write_text(json.dumps({"pid": 4242, "host": "gpu-node-17", "started": "2026-01-01T00:00"}))
+    line = refused(ws, capsys, digest_tree(ws.out))
+    assert "in use by another run (pid 4242 on gpu-node-17" in line
+    assert f"remove {ws.exp / '.lock'} by hand" in line

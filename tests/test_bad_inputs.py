@@ -585,3 +585,42 @@ def test_a_lock_left_by_another_host_says_how_to_release_it(ws, capsys):
     line = refused(ws, capsys, digest_tree(ws.out))
     assert "in use by another run (pid 4242 on gpu-node-17" in line
     assert f"remove {ws.exp / '.lock'} by hand" in line
+
+
+# --------------------------------------------------------------------------------------------- round 2: pickles
+BYTEARRAY_BOMB = b"\x80\x02c__builtin__\nbytearray\nJ\x00\x94\x35\x77\x85R."  # bytearray(2000000000), 33 bytes
+
+
+def reduce_pickle(module: str, name: str, args: tuple) -> bytes:
+    """A protocol-2 pickle that calls module.name(*args) (args: ints, tuples of ints and strings)."""
+    body = pickle.dumps(args, protocol=2)[2:-1]  # the args tuple without PROTO and STOP
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + body + b"R."
+
+
+@pytest.mark.parametrize("data, words", [
+    (BYTEARRAY_BOMB, "bytearray would allocate 2,000,000,000 bytes"),
+    (reduce_pickle("__builtin__", "bytes", (2_000_000_000,)), "bytes would allocate 2,000,000,000 bytes"),
+    (reduce_pickle("numpy", "ndarray", ((100_000, 100_000),)), "numpy.ndarray would allocate 80,000,000,000 bytes"),
+    (reduce_pickle("numpy.core.multiarray", "_reconstruct", (0, (10 ** 10,), "f8")),
+     "numpy _reconstruct would allocate 80,000,000,000 bytes"),
+    (reduce_pickle("numpy", "dtype", ("V2000000000",)), "numpy.dtype would allocate 2,000,000,000 bytes"),
+    (reduce_pickle("_codecs", "encode", ("x" * 10, "zlib_codec")), "_codecs.encode with codec 'zlib_codec'"),
+])
+def test_an_allow_listed_constructor_cannot_allocate_beyond_the_pickle(data, words):
+    """Refused before allocating: the peak of Python's allocations stays far below what the call asks for."""
+    import tracemalloc
+    from roidb.errors import DataError
+    from roidb.safe_pickle import safe_loads
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="refused: " + re.escape(words)):
+            safe_loads(data, "hostile.pkl")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) < 100 and peak < 10_000_000, peak
+
+
+def test_a_40_byte_pickle_asking_for_2_gb_is_refused_through_the_cli(ws, capsys):
+    line = refused_p1(ws, capsys, BYTEARRAY_BOMB)
+    assert f"{ws.exp / 'p1' / 'proposals.pkl'}: refused: bytearray would allocate 2,000,000,000 bytes" in line

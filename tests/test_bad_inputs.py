@@ -624,3 +624,99 @@ def test_an_allow_listed_constructor_cannot_allocate_beyond_the_pickle(data, wor
 def test_a_40_byte_pickle_asking_for_2_gb_is_refused_through_the_cli(ws, capsys):
     line = refused_p1(ws, capsys, BYTEARRAY_BOMB)
     assert f"{ws.exp / 'p1' / 'proposals.pkl'}: refused: bytearray would allocate 2,000,000,000 bytes" in line
+
+
+# --------------------------------------------------------------------------------------------- round 2: real disk full
+PAGE = 4096
+
+
+@pytest.fixture
+def small_disk(ws, tmp_path):
+    """A real tmpfs holding a copy of the baseline output folder (mtimes kept): `fill(leave)` then leaves exactly
+    `leave` bytes free. Skips where a tmpfs cannot be mounted (not root, no mount namespace)."""
+    import os
+    import shutil
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode(errors='replace').strip()}")
+    try:
+        assert os.sysconf("SC_PAGE_SIZE") == PAGE
+        shutil.copytree(ws.out, mount / "out")
+
+        def fill(leave: int) -> None:
+            left = shutil.disk_usage(mount).free - leave
+            with open(mount / "filler", "wb") as handle:
+                while left > 0:
+                    handle.write(b"\0" * min(left, 1 << 24))
+                    left -= 1 << 24
+            assert shutil.disk_usage(mount).free == leave
+        yield mount / "out", fill
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def pages(path: Path) -> int:
+    return -(-path.stat().st_size // PAGE)
+
+
+def disk_full_refusal(ws, capsys, out: Path, fill, leave: int, *args: str, **overrides: str) -> str:
+    before = digest_tree(out)
+    fill(leave)
+    code, stdout, err = cli(capsys, ws, "run", *args, **{"PIPELINE.OUTPUT_ROOT": str(out), **overrides})
+    assert code == 2, stdout + err
+    line = error_line(err)
+    assert "No space left on device" in line
+    before.pop(CONFIG_YML)  # it records the latest run's config (here another OUTPUT_ROOT)
+    assert changed_files(before, digest_tree(out)) == [], "nothing lost"
+    assert not [p for p in out.rglob("*.tmp*")], "no temporary left behind"
+    assert manifest_problems(out / EXP) == []
+    return line
+
+
+def test_real_disk_full_during_a_snapshot(ws, capsys, small_disk):
+    out, fill = small_disk
+    line = disk_full_refusal(ws, capsys, out, fill, 1 << 20, "--force", "stage4",
+                             **{"PIPELINE.STAGE4_SNAPSHOT_ITERS": "1"})
+    assert f"{out / EXP / 'stage4' / 'snapshots' / 'iter_00000001.pt'}" in line
+    assert manifest(out / EXP, "stage4")["outputs"] == ws.baseline["stage4"], "the previous M4 is kept"
+
+
+def test_real_disk_full_while_writing_model_pt(ws, capsys, small_disk):
+    out, fill = small_disk
+    line = disk_full_refusal(ws, capsys, out, fill, 1 << 20, "--force", "stage4",
+                             **{"PIPELINE.STAGE4_SNAPSHOT_ITERS": "100"})
+    assert f"{out / EXP / 'stage4' / 'model.pt'}" in line
+    assert sha256(out / EXP / "stage4" / "model.pt") == ws.m4_sha()
+
+
+def test_real_disk_full_while_writing_the_proposals_pickle(ws, capsys, small_disk):
+    out, fill = small_disk
+    # the lock, config.yml's new copy (the old one is freed) and p2's 'running' manifest take a page each
+    line = disk_full_refusal(ws, capsys, out, fill, 3 * PAGE, "--force", "p2")
+    assert f"{out / EXP / 'p2' / 'proposals.pkl'}" in line
+
+
+def test_real_disk_full_while_writing_a_manifest(ws, capsys, small_disk):
+    out, fill = small_disk
+    p2 = out / EXP / "p2"
+    # the lock and the 'running' manifest, the two pickles: everything but the 'done' manifest fits
+    leave = (2 + pages(p2 / "proposals.pkl") + pages(p2 / "scores.pkl")) * PAGE
+    line = disk_full_refusal(ws, capsys, out, fill, leave, "--force", "p2")
+    assert f"{p2 / 'manifest.json'}" in line
+
+
+def test_only_a_real_full_disk_turns_torchs_write_failure_into_enospc(tmp_path):
+    """torch.save's RuntimeError('[enforce fail at inline_container.cc] ... file write failed') is ENOSPC only
+    when the filesystem is in fact (nearly) full or the chain holds an ENOSPC; otherwise it stays a bug."""
+    import errno
+    from stages.engine.trainer import disk_full
+    torch_says = RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                              "data/0: file write failed")
+    assert not disk_full(torch_says, tmp_path / "model.pt"), "this disk has room"
+    assert not disk_full(RuntimeError("CUDA error: device-side assert"), tmp_path / "model.pt")
+    chained = RuntimeError("wrapped")
+    chained.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert disk_full(chained, tmp_path / "model.pt")

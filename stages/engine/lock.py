@@ -112,7 +112,10 @@ class RunLock:
         raise LockError(f"could not take the lock {self.path}: it keeps changing; is another run starting?")
 
     def _try_create(self) -> bool:
-        fd, tmp = tempfile.mkstemp(prefix=".lock.", dir=self.exp_dir)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".lock.", dir=self.exp_dir)
+        except OSError as err:  # a full or read-only disk: say which file
+            raise OSError(err.errno, f"{err.strerror} while writing", str(self.path)) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(self.info, handle)
@@ -120,6 +123,8 @@ class RunLock:
             return True
         except FileExistsError:
             return False
+        except OSError as err:
+            raise OSError(err.errno, f"{err.strerror} while writing", str(self.path)) from None
         finally:
             os.unlink(tmp)
 

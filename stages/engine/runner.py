@@ -456,10 +456,14 @@ class Runner:
             raise
         seconds = time.time() - started
         if main:
-            outputs = hash_outputs(self.step_dir(step_id), result.outputs)
-            update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
-                            timings={"started": _iso(started), "finished": _iso(time.time()),
-                                     "seconds": round(seconds, 3)})
+            try:
+                outputs = hash_outputs(self.step_dir(step_id), result.outputs)
+                update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
+                                timings={"started": _iso(started), "finished": _iso(time.time()),
+                                         "seconds": round(seconds, 3)})
+            except BaseException:  # e.g. a full disk at the 'done' manifest: as for a failed body
+                self._after_failure(step_id, stashed)
+                raise
             self.cache.drop(step_id, fingerprint)  # a cached copy of this fingerprint is superseded
             self.cache.prune(step_id)
             self._changed()

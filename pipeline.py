@@ -28,6 +28,7 @@ import click
 
 import stages  # noqa: F401  (importing stages registers the step bodies)
 from stages.engine.config import Config, load_config
+from stages.engine.paths import add_write_root, roots_for, set_write_roots
 from stages.engine.distributed import init_from_env, shutdown
 from stages.engine.errors import Interrupted, is_bad_input, one_line
 from stages.engine.graph import all_step_ids
@@ -50,7 +51,10 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_config(config_path: str | None, overrides: Sequence[tuple[str, str]]) -> Config:
-    return load_config(config_path or DEFAULT_CONFIG, overrides=list(overrides))
+    """The command's config; from here on every write must stay inside its output and data roots."""
+    config = load_config(config_path or DEFAULT_CONFIG, overrides=list(overrides))
+    set_write_roots(roots_for(config))
+    return config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -165,6 +169,7 @@ def inspect_command(ctx: click.Context, targets: tuple[str, ...], imdb_name: str
     if draw_id is not None and out_path is None:
         raise click.UsageError("--draw needs --out FILE.png")
     config = build_config(config_path, overrides)
+    _allow_writes_to(out_path, plot_path)
     imdb = eval_imdb(config, imdb_name) if imdb_name else load_imdb(config, "PIPELINE.TRAIN_IMDB")
     if draw_id is not None and draw_id not in imdb.image_index:
         raise click.BadParameter(f"image id {draw_id!r} is not in {imdb.name}", param_hint="--draw")
@@ -182,6 +187,14 @@ def inspect_command(ctx: click.Context, targets: tuple[str, ...], imdb_name: str
             target = out_path if len(resolved) == 1 else _suffixed(out_path, label)
             draw_proposal_picture(imdb, path, draw_id, draw_top, target)
             _note(as_json, f"wrote {target} ({label}: top {draw_top} proposals and GT of image {draw_id})")
+
+
+def _allow_writes_to(*paths: str | None, folder: bool = False) -> None:
+    """Paths the user named on the command line (--out, --pr-plot, ...) are write roots too: their folder, or the
+    folder itself with `folder`."""
+    for path in paths:
+        if path:
+            add_write_root(Path(path) if folder else Path(os.path.abspath(path)).parent)
 
 
 def _note(quiet_stdout: bool, message: str) -> None:
@@ -220,6 +233,8 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
     from stages.commands.reval import evaluate_step, eval_imdb, read_pr, reval
 
     config = build_config(config_path, overrides)
+    _allow_writes_to(pr_plot, detections_file)
+    _allow_writes_to(out_dir, folder=True)
     imdb = eval_imdb(config, imdb_name, use_07_metric)
     target = Path(out_dir) if out_dir else None
     if detections_file:
@@ -255,6 +270,7 @@ def demo(ctx: click.Context, images: tuple[str, ...], step: str, out_dir: str | 
     from stages.commands.demo import demo as run_demo, format_detections
 
     config = build_config(config_path, overrides)
+    _allow_writes_to(out_dir, folder=True)
     folder = Path(out_dir) if out_dir else experiment_dir(config) / "demo"
     results = run_demo(config, images, folder, step=step, thresh=thresh)
     click.echo(format_detections(results))
@@ -275,7 +291,9 @@ def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smoot
     from stages.commands.plots import plot_losses as draw, training_logs
     from stages.engine.config import experiment_dir
 
-    logs = training_logs(experiment_dir(build_config(config_path, overrides)), steps, TRAINING_STEPS)
+    config = build_config(config_path, overrides)
+    _allow_writes_to(out_path)
+    logs = training_logs(experiment_dir(config), steps, TRAINING_STEPS)
     draw(logs, out_path, smooth=smooth)
     click.echo(format_table(["step", "iterations", "last loss", "last lr"],
                             [[s, str(r[-1]["iter"]), f"{r[-1]['loss']:.4f}", f"{r[-1]['lr']:g}"]
@@ -308,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bug: its traceback, then one line saying so."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    previous_roots = set_write_roots(())
     try:
         cli.main(args=args, prog_name="pipeline.py", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -334,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"error: {_message(err)}", err=True)
         return 2
+    finally:
+        set_write_roots(previous_roots)
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from roidb.guard import makedirs
 from roidb.coco import CocoData
 from roidb.errors import DataError
 from roidb.imdb import atomic_write_bytes
@@ -119,7 +120,7 @@ def evaluate_coco(all_boxes: Sequence[Sequence[np.ndarray]], data: CocoData, res
         nothing to average (no GT) is None.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    makedirs(output_dir)
     classes = [name for _, name in data.categories]
     cat_ids = [cid for cid, _ in data.categories]
     image_ids = [im.id for im in data.images]

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from roidb.guard import checked_write_path, file_kind
 from roidb.errors import DataError
 
 __all__ = ["StatCache", "hash_file", "content_listing", "content_digest", "describe_content_change",
@@ -75,6 +76,7 @@ def _usable_cpus() -> int:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    path = checked_write_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -190,7 +192,7 @@ class StatCache:
             except OSError as exc:
                 raise self._error(path, labels, i, exc) from None
             if not stat.S_ISREG(st.st_mode):
-                raise self._error(path, labels, i, None)
+                raise self._error(path, labels, i, None, file_kind(st.st_mode))
             entry = entries.get(key)
             if entry is not None and entry[:4] == (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns):
                 digests.append(entry[4])
@@ -233,11 +235,12 @@ class StatCache:
         return results
 
     @staticmethod
-    def _error(path: str, labels, i: int, exc: OSError | None) -> DataError:
+    def _error(path: str, labels, i: int, exc: OSError | None, kind: str = "") -> DataError:
         label = labels[i] if labels is not None else "file"
         what, context = (label, "") if isinstance(label, str) else (label[0], f" ({label[1]})")
         if exc is None:
-            return DataError(path, f"{what} is not a regular file{context}")
+            return DataError(path, f"{what} is {kind}, not a regular file{context}"
+                             if kind else f"{what} is not a regular file{context}")
         if isinstance(exc, FileNotFoundError):
             return DataError(path, f"{what} not found{context}")
         return DataError(path, f"cannot read {what} ({exc.strerror or exc}){context}")

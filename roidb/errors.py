@@ -14,8 +14,13 @@ class DataError(ValueError):
 
     def __init__(self, where: str | os.PathLike, problem: str):
         self.where = os.fspath(where)
-        self.problem = problem
-        super().__init__(" ".join(f"{self.where}: {problem}".split()))
+        self.problem = " ".join(_clip(word) for word in str(problem).split())
+        super().__init__(" ".join(f"{self.where}: {self.problem}".split()))
+
+
+def _clip(word: str, limit: int = 200) -> str:
+    """A value quoted in a message, cut to `limit` characters (a 5,000-digit coordinate gives a short line)."""
+    return word if len(word) <= limit else f"{word[:limit - 20]}...({len(word)} chars)"
 
 
 class UnsafePickleError(DataError):

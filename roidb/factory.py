@@ -25,6 +25,7 @@ from typing import Sequence
 from roidb.coco import CocoImdb
 from roidb.content import StatCache
 from roidb.errors import DataError
+from roidb.guard import plain_name
 from roidb.imdb import Imdb, default_data_root
 from roidb.pascal_voc import PascalVoc
 from roidb.synthetic import SHAPE_CLASSES, ensure_shapes_coco, ensure_shapes_dataset, shapes_coco_paths
@@ -114,6 +115,7 @@ def get_imdb(name: str, *, data_root: str | os.PathLike | None = None, cache_dir
         path_text, sep, split = name[len("vocfmt:"):].rpartition(":")
         if not sep or not path_text or not split:
             raise DataError(name, "expected vocfmt:<path>:<split>, e.g. vocfmt:/data/myset:trainval")
+        plain_name(name, "split", split)
         path = Path(path_text).expanduser()
         return PascalVoc(split, "", data_path=path, name=_vocfmt_name(path, split), classes=classes,
                          devkit_path=path.parent, **common)

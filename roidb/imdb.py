@@ -27,11 +27,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from roidb.guard import checked_write_path, regular_file
 from roidb.content import StatCache, content_digest, content_listing
 from roidb.errors import DataError
 from roidb.safe_pickle import safe_load
 
-__all__ = ["Imdb", "imdb", "read_image_size", "atomic_write_bytes", "default_data_root", "file_digest_update",
+__all__ = ["Imdb", "imdb", "read_image_size", "decode_image", "check_image_file", "atomic_write_bytes", "default_data_root", "file_digest_update",
            "is_crowd", "object_rows", "GT_CACHE_VERSION"]
 
 GT_CACHE_VERSION = 2
@@ -46,7 +47,7 @@ def default_data_root() -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
+    path = checked_write_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -99,17 +100,18 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
     Other formats are decoded with OpenCV. A missing, empty or unreadable file raises :class:`DataError`.
     """
     path = os.fspath(path)
+    regular_file(path, "image file")  # a FIFO would block the read; a directory or device is named as such
     try:
         with open(path, "rb") as f:
             head = f.read(2)
             if not head:
                 raise DataError(path, "empty image file (0 bytes)")
             if head == b"\xff\xd8":
-                return _jpeg_size(f, path)
+                return _bounded(path, *_jpeg_size(f, path))
             head += f.read(22)
             if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
                 width, height = struct.unpack(">II", head[16:24])
-                return height, width
+                return _bounded(path, height, width)
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
     except OSError as exc:
@@ -120,6 +122,52 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
     if im is None:
         raise DataError(path, "not a readable image (neither JPEG, PNG nor any format OpenCV decodes)")
     return int(im.shape[0]), int(im.shape[1])
+
+
+MAX_IMAGE_PIXELS = 100_000_000  # 10,000 x 10,000; a header claiming more is corrupt or hostile here
+
+
+def _bounded(path: str, height: int, width: int) -> tuple[int, int]:
+    if height <= 0 or width <= 0:
+        raise DataError(path, f"image header gives an empty image ({width}x{height})")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise DataError(path, f"image header claims {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel "
+                              "limit (a corrupt or hostile header); refused before decoding")
+    return height, width
+
+
+def check_image_file(path: str | os.PathLike, expected_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(height, width) of the image at ``path`` after the checks that need no decoding: a regular file, a header
+    within MAX_IMAGE_PIXELS and equal to ``expected_size`` when given, and for a JPEG the end-of-image marker (a
+    truncated JPEG decodes with only a libjpeg warning). DataError naming the file otherwise."""
+    path = os.fspath(path)
+    size = read_image_size(path)
+    if expected_size is not None and tuple(size) != tuple(expected_size):
+        raise DataError(path, f"image is {size[1]}x{size[0]} but its annotation says "
+                              f"{expected_size[1]}x{expected_size[0]}")
+    with open(path, "rb") as f:
+        if f.read(2) == b"\xff\xd8":
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 1024))
+            if not f.read().rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"):  # EOI, then at most padding
+                raise DataError(path, "truncated JPEG (no end-of-image marker): the file was cut short")
+    return size
+
+
+def decode_image(path: str | os.PathLike, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """The image at ``path`` as BGR uint8 (H, W, 3), or DataError naming the file: not a regular file, a header
+    over MAX_IMAGE_PIXELS or (``expected_size``, (height, width) from the annotation) of another size, a truncated
+    JPEG (no end-of-image marker: libjpeg would only warn and fill the rest grey), a failed decode, or decoded
+    pixels whose size differs from the header. The header is checked before any pixel is decoded."""
+    import cv2
+
+    path = os.fspath(path)
+    size = check_image_file(path, expected_size)
+    im = cv2.imread(path, cv2.IMREAD_COLOR)
+    if im is None:
+        raise DataError(path, "cannot decode image (corrupt data)")
+    if tuple(im.shape[:2]) != tuple(size):
+        raise DataError(path, f"decoded image is {im.shape[1]}x{im.shape[0]} but its header says {size[1]}x{size[0]}")
+    return im
 
 
 def file_digest_update(h: "hashlib._Hash", label: str, data: bytes) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from roidb.blob import im_list_to_blob, prep_im_for_blob
-from roidb.errors import DataError
+from roidb.imdb import decode_image
 
 __all__ = ["get_minibatch", "sample_rois", "expand_bbox_targets", "load_image"]
 
@@ -19,9 +18,8 @@ __all__ = ["get_minibatch", "sample_rois", "expand_bbox_targets", "load_image"]
 def load_image(entry: dict) -> np.ndarray:
     """Read ``entry['image']`` as a BGR uint8 (H, W, 3) array, mirrored left-right when ``entry['flipped']``."""
     path = entry["image"]
-    im = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if im is None:
-        raise DataError(path, "cannot read image")
+    expected = (entry["height"], entry["width"]) if "height" in entry and "width" in entry else None
+    im = decode_image(path, expected)
     if entry.get("flipped", False):
         im = im[:, ::-1, :]
     return im

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from lxml import etree
 
+from roidb.guard import makedirs, plain_name, regular_file
+from roidb.xmlsafe import parse_xml
 from roidb.content import StatCache
 from roidb.errors import DataError
 from roidb.imdb import Imdb, atomic_write_bytes, default_data_root, read_image_size
@@ -29,7 +30,6 @@ VOC_CLASSES = ("__background__", "aeroplane", "bicycle", "bird", "boat", "bottle
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor")
 PARSER_VERSION = 1
-_XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 def normalize_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
@@ -86,10 +86,7 @@ def parse_voc_annotation(data: bytes, path: str, class_to_ind: dict[str, int], u
     Returns:
         ``(boxes float32 (N, 4) 0-based, gt_classes int32 (N,), (height, width), number of clamped boxes)``.
     """
-    try:
-        root = etree.fromstring(data, _XML_PARSER)
-    except etree.XMLSyntaxError as exc:
-        raise DataError(path, f"malformed XML ({exc})") from None
+    root = parse_xml(data, path)
     size = _xml_size(root, path)
     if size is not None and image_size is not None and tuple(size) != tuple(image_size):
         raise DataError(path, f"<size> says {size[1]}x{size[0]} but the image is {image_size[1]}x{image_size[0]}")
@@ -195,6 +192,8 @@ class PascalVoc(Imdb):
 
     def _load_image_set_index(self) -> list[str]:
         path = self.image_set_file()
+        if path.exists():
+            regular_file(path, "image set file")  # a FIFO would block the read
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -204,6 +203,8 @@ class PascalVoc(Imdb):
         index = [line.strip() for line in text.splitlines() if line.strip()]
         if not index:
             raise DataError(path, "image set file is empty (no image ids)")
+        for image_id in index:
+            plain_name(path, "image id", image_id)
         return index
 
     def image_path_from_index(self, index: str) -> str:
@@ -224,6 +225,8 @@ class PascalVoc(Imdb):
         folder = os.fspath(self._data_path / "Annotations")
         for index in self._image_index:
             path = os.path.join(folder, index + ".xml")
+            if os.path.lexists(path):
+                regular_file(path, "annotation file")  # a FIFO would block, a directory is no annotation
             try:
                 with open(path, "rb") as f:
                     out.append(f.read())
@@ -289,7 +292,7 @@ class PascalVoc(Imdb):
         if len(all_boxes) != self.num_classes:
             raise DataError(self.name, f"all_boxes has {len(all_boxes)} classes, the imdb {self.num_classes}")
         output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        makedirs(output_dir)
         salt = self._salt if self.config["use_salt"] else ""
         files = write_voc_results_files(all_boxes, self._image_index, self.classes, str(output_dir),
                                         self._image_set, salt=salt)

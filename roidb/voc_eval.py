@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Sequence
 
 import numpy as np
-from lxml import etree
 
+from roidb.guard import makedirs
+from roidb.xmlsafe import read_xml
 from roidb.errors import DataError
 from roidb.imdb import atomic_write_bytes
 
@@ -36,12 +38,7 @@ def parse_rec(filename: str) -> list[dict]:
 
     ``bbox`` is ``[xmin, ymin, xmax, ymax]`` as written in the file (1-based).
     """
-    try:
-        tree = etree.parse(filename)
-    except OSError:
-        raise DataError(filename, "cannot read annotation file") from None
-    except etree.XMLSyntaxError as e:
-        raise DataError(filename, f"malformed XML ({e.msg})") from None
+    tree = read_xml(filename)
     objects = []
     for i, obj in enumerate(tree.findall("object")):
         where = f"object {i}"
@@ -89,6 +86,24 @@ def _file_signature(path: str) -> bytes:
     return f"{st.st_size}:{st.st_mtime_ns};".encode()
 
 
+def _valid_recs(recs: object, imagenames: list[str]) -> bool:
+    """Whether a parsed-annotation cache has the shape parse_rec gives for every image: {id: [{"name": str,
+    "difficult": int, "bbox": [4 numbers]}, ...]} (anything else is rebuilt, never trusted)."""
+    if not isinstance(recs, dict):
+        return False
+    for name in imagenames:
+        objects = recs.get(name)
+        if not isinstance(objects, list):
+            return False
+        for obj in objects:
+            if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)
+                    and type(obj.get("difficult")) is int and isinstance(obj.get("bbox"), list)
+                    and len(obj["bbox"]) == 4
+                    and all(type(v) in (int, float) and math.isfinite(v) for v in obj["bbox"])):
+                return False
+    return True
+
+
 def _load_annotations(annopath: str, imagesetfile: str, cachedir: str) -> tuple[list[str], dict]:
     try:
         with open(imagesetfile, "rb") as f:
@@ -100,16 +115,16 @@ def _load_annotations(annopath: str, imagesetfile: str, cachedir: str) -> tuple[
     for name in imagenames:
         key.update(_file_signature(annopath.format(name)))
     digest = key.hexdigest()[:20]
-    os.makedirs(cachedir, exist_ok=True)
+    makedirs(cachedir)
     cachefile = os.path.join(cachedir, f"annots_{digest}.json")
     if os.path.isfile(cachefile):
         try:
             with open(cachefile) as f:
                 recs = json.load(f)
-            if all(name in recs for name in imagenames):
+            if _valid_recs(recs, imagenames):
                 return imagenames, recs
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError, RecursionError):
+            pass  # a torn or hand-edited cache is rebuilt from the XML files
     recs = {name: parse_rec(annopath.format(name)) for name in imagenames}
     atomic_write_bytes(cachefile, json.dumps(recs).encode())
     return imagenames, recs
@@ -228,7 +243,7 @@ def write_voc_results_files(all_boxes: Sequence[Sequence[np.ndarray]], image_ind
     """
     if len(all_boxes) != len(classes):
         raise ValueError(f"all_boxes has {len(all_boxes)} classes but classes lists {len(classes)}")
-    os.makedirs(output_dir, exist_ok=True)
+    makedirs(output_dir)
     paths = {}
     for cls_ind, cls in enumerate(classes):
         if cls_ind == 0:

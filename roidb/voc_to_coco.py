@@ -13,16 +13,15 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from lxml import etree
 
 from roidb.errors import DataError
 from roidb.imdb import read_image_size
 from roidb.pascal_voc import normalize_classes, parse_voc_annotation
+from roidb.xmlsafe import parse_xml
 
 __all__ = ["voc_to_coco", "CONVERTER_VERSION"]
 
 CONVERTER_VERSION = 1
-_XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
 def _number(value: float) -> int | float:
@@ -30,7 +29,7 @@ def _number(value: float) -> int | float:
 
 
 def _difficult_flags(data: bytes, path: str) -> list[bool]:
-    root = etree.fromstring(data, _XML_PARSER)
+    root = parse_xml(data, path)
     flags = []
     for obj in root.findall("object"):
         node = obj.find("difficult")

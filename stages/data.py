@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import write_guard  # noqa: F401  (roidb's writes stay inside the roots)
 from roidb.content import (StatCache, content_digest, content_listing, describe_content_change, load_listing,
                            store_listing)
 from roidb.factory import get_imdbs

@@ -16,14 +16,12 @@ from __future__ import annotations
 import pickle
 from typing import Sequence
 
-import cv2
 import numpy as np
 import torch
 
 from kernels.boxes import bbox_overlaps
 from nets import FasterRCNN, prep_image
-from roidb.errors import DataError
-from roidb.imdb import Imdb, object_rows
+from roidb.imdb import Imdb, decode_image, object_rows
 
 from .engine.artifacts import atomic_write_bytes
 from .engine.config import Config
@@ -42,10 +40,7 @@ PICKLE_PROTOCOL = 2
 
 def read_image(path: str) -> np.ndarray:
     """BGR uint8 (H, W, 3) image, or DataError naming the file."""
-    im = cv2.imread(path, cv2.IMREAD_COLOR)
-    if im is None:
-        raise DataError(path, "cannot read image")
-    return im
+    return decode_image(path)
 
 
 @torch.no_grad()

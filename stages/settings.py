@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from nets import FasterRCNN, load_weights_into
+from . import write_guard  # noqa: F401  (roidb's writes stay inside the roots)
 from roidb.factory import get_imdb
 from roidb.imdb import Imdb
 

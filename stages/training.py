@@ -26,7 +26,8 @@ import torch
 
 from nets import FasterRCNN, param_groups, reinit_predictors, reinit_rpn_head, set_trainable
 from nets.checkpoint import checkpoint_dict
-from roidb.imdb import Imdb
+from roidb.errors import DataError
+from roidb.imdb import Imdb, check_image_file
 from roidb.loader import RoIDataLoader
 from roidb.minibatch import get_minibatch
 from roidb.training import add_bbox_regression_targets, filter_roidb, get_training_roidb
@@ -58,7 +59,22 @@ def rpn_roidb_for_training(config: Config, imdb: Imdb) -> list[dict]:
     """
     imdb.set_proposal_method("gt")
     roidb = get_training_roidb(imdb, use_flipped=config.get("TRAIN.USE_FLIPPED"))
-    return [entry for entry in roidb if np.any(entry["gt_classes"] > 0)]
+    kept = [entry for entry in roidb if np.any(entry["gt_classes"] > 0)]
+    if not kept:
+        raise DataError(imdb.name, f"the training set has no objects: none of its {imdb.num_images} images has a "
+                                   "ground-truth box (check the annotations, the class list and difficult flags)")
+    return _checked_images(kept)
+
+
+def _checked_images(roidb: list[dict]) -> list[dict]:
+    """Every training image checked before the first iteration (a regular file, its header's size equal to the
+    roidb's, a JPEG not truncated; no decoding), so that bad data stops a step before it trains, not midway."""
+    seen: set[str] = set()
+    for entry in roidb:
+        if entry["image"] not in seen:
+            seen.add(entry["image"])
+            check_image_file(entry["image"], (entry["height"], entry["width"]))
+    return roidb
 
 
 def frcn_roidb_for_training(config: Config, imdb: Imdb, proposal_file: Path
@@ -71,6 +87,10 @@ def frcn_roidb_for_training(config: Config, imdb: Imdb, proposal_file: Path
     imdb.config["rpn_file"] = str(proposal_file)
     imdb.set_proposal_method("rpn")
     roidb = _filter(config, get_training_roidb(imdb, use_flipped=config.get("TRAIN.USE_FLIPPED")))
+    if not roidb:
+        raise DataError(imdb.name, "no training image has a foreground or background RoI under TRAIN.FG_THRESH / "
+                                   "BG_THRESH_HI / BG_THRESH_LO (or the training set has no objects)")
+    _checked_images(roidb)
     targets = bbox_target_settings(config)
     means, stds = add_bbox_regression_targets(roidb, imdb.num_classes, **targets)
     if not targets["normalize_targets"]:

@@ -127,7 +127,7 @@ def test_wrong_type_in_yml_names_file_and_key(tmp_path):
 def test_choices_ranges_and_yaml_off():
     with pytest.raises(ConfigError, match=r"PIPELINE.NET must be one of tiny, vgg16, zf, got 'resnet'"):
         load_config(overrides=[("PIPELINE.NET", "resnet")])
-    with pytest.raises(ConfigError, match=r"PIPELINE.STAGE3_ITERS must be > 0"):
+    with pytest.raises(ConfigError, match=r"PIPELINE.STAGE3_ITERS must be in \[1, 1000000000\], got 0"):
         load_config(overrides=[("PIPELINE.STAGE3_ITERS", "0")])
     cfg = Config(load_config())
     assert load_config(overrides=[("PIPELINE.AMP", "off")]).PIPELINE.AMP == "off" == cfg.PIPELINE.AMP
@@ -174,3 +174,135 @@ def test_amp_auto_resolves_to_bf16_only_where_the_cpu_computes_it_natively(monke
     assert load_config(None, overrides=[("PIPELINE.AMP", "fp16")]).get("PIPELINE.AMP") == "fp16"
     with pytest.raises(ConfigError, match="PIPELINE.AMP"):
         load_config(None, overrides=[("PIPELINE.AMP", "half")])
+
+
+# --------------------------------------------------------------------------------------------- the schema
+def test_every_key_has_a_schema_spec_and_every_spec_a_key():
+    """A key added to the defaults without a type and range in stages/engine/schema.py fails here."""
+    from stages.engine.schema import SCHEMA
+    keys = set(load_config().flat())
+    assert sorted(keys - set(SCHEMA)) == [], "keys without a spec in schema.SCHEMA"
+    assert sorted(set(SCHEMA) - keys) == [], "specs for keys that do not exist"
+
+
+def test_every_default_passes_its_own_spec():
+    from stages.engine.schema import check
+    for key, value in load_config().flat().items():
+        assert check(key, value) == value, key
+
+
+@pytest.mark.parametrize("key, raw, words", [
+    ("TRAIN.RPN_BATCHSIZE", "0", "must be in [1, 1048576], got 0"),
+    ("TRAIN.BATCH_SIZE", "0", "must be in [1, 1048576], got 0"),
+    ("PIPELINE.ANCHOR_RATIOS", "[0]", "elements must be in (0, 10000], got 0.0"),
+    ("PIPELINE.ANCHOR_RATIOS", "[-1.0, 1.0]", "elements must be in (0, 10000]"),
+    ("TRAIN.FG_THRESH", "2", "must be in [0, 1], got 2.0"),
+    ("TRAIN.SCALES", "[0]", "elements must be in [1, 8192], got 0"),
+    ("TEST.SCALES", "[]", "needs 1 to 64 elements, got 0"),
+    ("TRAIN.MAX_SIZE", "0", "must be in [1, 8192], got 0"),
+    ("TEST.MAX_SIZE", "100000", "must be in [1, 8192]"),
+    ("PIPELINE.ANCHOR_SCALES", "[]", "needs 1 to 64 elements, got 0"),
+    ("PIPELINE.MOMENTUM", "1.5", "must be in [0, 1), got 1.5"),
+    ("PIPELINE.MOMENTUM", "-0.1", "must be in [0, 1)"),
+    ("PIPELINE.WEIGHT_DECAY", "-0.0005", "must be in [0, 1]"),
+    ("RNG_SEED", "-1", "must be in [0, 4294967295], got -1"),
+    ("RNG_SEED", str(2 ** 40), "must be in [0, 4294967295]"),
+    ("TEST.NMS", "float('nan')", "expects float, got str"),
+    ("TEST.NMS", "1e999", "must be in [0, 1], got inf"),
+    ("PIPELINE.STAGE1_LR", "0", "must be in (0, 100]"),
+    ("TRAIN.RPN_POSITIVE_WEIGHT", "1.0", "must be < 0 (uniform) or in (0, 1)"),
+    ("TRAIN.BBOX_NORMALIZE_STDS", "[0.1, 0.1, 0.2]", "needs exactly 4 elements, got 3"),
+    ("TRAIN.PROPOSAL_METHOD", "edge_boxes", "must be one of selective_search, rpn, gt"),
+    ("PIXEL_MEANS", "[102.9, 115.9, 122.7]", "expects a nested list of shape [1, 1, 3], got shape [3]"),
+    ("PIPELINE.CLASSES", "['cat', 'cat']", "names 'cat' twice"),
+])
+def test_out_of_range_values_are_refused_at_load_naming_the_key(key, raw, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[(key, raw)])
+    assert f"config key {key} " in str(info.value) and words in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["[[600]]", "[[600, 500]]", "[[[[[[[[600]]]]]]]]", "[600, [500]]"])
+def test_nested_lists_are_refused_where_a_flat_list_is_expected(raw, tmp_path):
+    with pytest.raises(ConfigError, match=r"config key TRAIN.SCALES expects a list of int, got an element of type "
+                                          r"list"):
+        load_config(overrides=[("TRAIN.SCALES", raw)])
+    (tmp_path / "n.yml").write_text(f"TRAIN:\n  SCALES: {raw}\n")
+    with pytest.raises(ConfigError, match=r"n\.yml(: config key TRAIN.SCALES expects a list of int| line 2: YAML "
+                                          r"nested deeper than 8 levels)"):
+        load_config(tmp_path / "n.yml")
+
+
+@pytest.mark.parametrize("name", ["../../../../tmp/x/evil", "/tmp/evil", "a/b", "..", ".", "", "a\\b", " cat"])
+def test_class_names_must_be_plain_file_names(name):
+    with pytest.raises(ConfigError, match=r"config key PIPELINE.CLASSES: .* is not a plain name"):
+        load_config(overrides=[("PIPELINE.CLASSES", repr(["cat", name]))])
+
+
+@pytest.mark.parametrize("value", ["../x", "/tmp/x", "~/x", "a/../../x", ""])
+def test_exp_dir_must_stay_below_the_output_root(value):
+    with pytest.raises(ConfigError, match="config key EXP_DIR must be a relative folder name"):
+        load_config(overrides=[("EXP_DIR", value)])
+
+
+def alias_bomb(levels: int = 12) -> str:
+    lines = ["a0: &a0 [600, 600, 600, 600, 600, 600, 600, 600, 600, 600]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nTRAIN:\n  SCALES: *a{levels - 1}\n"
+
+
+def test_yaml_aliases_are_refused_outright_and_fast(tmp_path):
+    """A 1 KB alias bomb (10^12 elements once expanded) is refused from the event stream, naming file and line."""
+    import time
+    (tmp_path / "bomb.yml").write_text(alias_bomb())
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb\.yml line 1: YAML anchors and aliases .* are not allowed"):
+        load_config(tmp_path / "bomb.yml")
+    with pytest.raises(ConfigError, match=r"--set TRAIN.SCALES line 1: YAML anchors and aliases"):
+        load_config(overrides=[("TRAIN.SCALES", "[&a 600, *a]")])
+    (tmp_path / "merge.yml").write_text("base: &b {NMS: 0.3}\nTEST:\n  <<: *b\n")
+    with pytest.raises(ConfigError, match=r"merge\.yml line 1: YAML anchors"):
+        load_config(tmp_path / "merge.yml")
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("text", [
+    "TRAIN:\n  SCALES: " + "[" * 30000 + "]" * 30000 + "\n",
+    "TRAIN:\n  SCALES: " + "{a: " * 15000 + "1" + "}" * 15000 + "\n",
+    "TRAIN:\n  SCALES: [" + ", ".join(["600"] * 12000) + "]\n",
+    "".join(f"K{i}: {i}\n" for i in range(7000)),
+    "TRAIN:\n  SCALES: [" + "9" * 60000 + "]\n",
+    "EXP_DIR: " + "x" * 64000 + "\n",
+])
+def test_any_config_file_under_64_kb_loads_or_is_refused_in_under_a_second(text, tmp_path):
+    import time
+    path = tmp_path / "big.yml"
+    path.write_text(text[:65535])
+    assert path.stat().st_size < 65536
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert time.perf_counter() - start < 1.0
+    assert "big.yml" in str(info.value) and len(str(info.value)) < 300, str(info.value)
+
+
+def test_set_values_are_bounded_too():
+    import time
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"--set TRAIN.SCALES .*nested deeper than 8|--set TRAIN.SCALES .*list"):
+        load_config(overrides=[("TRAIN.SCALES", "[" * 5000 + "]" * 5000)])
+    with pytest.raises(ConfigError, match=r"over the 65536 limit"):
+        load_config(overrides=[("EXP_DIR", "x" * 70000)])
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[("TRAIN.MAX_SIZE", "9" * 4000)])
+    assert "TRAIN.MAX_SIZE" in str(info.value) and len(str(info.value)) < 300
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_fifo_config_file_does_not_block(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "pipe.yml")
+    with pytest.raises(ConfigError, match=r"pipe\.yml: is a FIFO \(named pipe\), not a regular file"):
+        load_config(tmp_path / "pipe.yml")
+    with pytest.raises(ConfigError, match=r"is a directory, not a regular file"):
+        load_config(tmp_path)

@@ -317,7 +317,7 @@ def test_a_missing_file_is_a_one_line_data_error(voc, tmp_path, missing, needles
 def test_an_unreadable_file_is_a_data_error(voc, tmp_path):
     (voc / "JPEGImages/im2.jpg").unlink()
     (voc / "JPEGImages/im2.jpg").mkdir()
-    with pytest.raises(DataError, match="im2.jpg: image file is not a regular file"):
+    with pytest.raises(DataError, match="im2.jpg: image file is a directory, not a regular file"):
         _listing(voc, tmp_path)
     (voc / "JPEGImages/im2.jpg").rmdir()
     (voc / "JPEGImages/im2.jpg").write_bytes(b"x")

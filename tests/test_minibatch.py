@@ -229,7 +229,7 @@ def test_minibatch_errors(tmp_path):
     with pytest.raises(ValueError, match="exactly 1 image"):
         get_minibatch([e, e], 3, np.random.default_rng(0), has_rpn=True, **kw)
     missing = dict(e, image=str(tmp_path / "nope.jpg"))
-    with pytest.raises(DataError, match="nope.jpg: cannot read image"):
+    with pytest.raises(DataError, match="nope.jpg: image file not found"):
         get_minibatch([missing], 3, np.random.default_rng(0), has_rpn=True, **kw)
     no_targets = {k: v for k, v in e.items() if k != "bbox_targets"}
     with pytest.raises(ValueError, match="bbox_targets"):

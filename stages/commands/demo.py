@@ -15,6 +15,8 @@ from typing import Sequence
 
 from nets import postprocess_detections, read_checkpoint
 
+from roidb.guard import regular_file
+
 from ..engine.config import Config
 from ..engine.errors import PipelineError
 from .plots import draw_detections, write_image
@@ -47,6 +49,8 @@ def demo(config: Config, images: Sequence[str | os.PathLike], out_dir: Path, *, 
     """Detect in each image file with ``step``'s model and write it with its labelled boxes to ``out_dir``."""
     if not 0.0 <= thresh <= 1.0:
         raise PipelineError(f"--thresh must lie in [0, 1], got {thresh}")
+    for image in images:  # before the model loads: a FIFO would block the read, a device never ends
+        regular_file(image, "image file")
     path = step_model_path(config, step)
     classes = list(read_checkpoint(path)["classes"])
     detect = step_detector(config, step, classes)

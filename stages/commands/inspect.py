@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from kernels.boxes import bbox_overlaps
+from .. import write_guard  # noqa: F401  (roidb's writes stay inside the roots)
 from roidb.errors import DataError
 from roidb.imdb import Imdb, object_rows
 from roidb.safe_pickle import safe_load

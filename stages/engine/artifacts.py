@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .paths import contained
+
 MANIFEST = "manifest.json"
 FINAL_MODEL = "model.pt"  # a training step's final weights
 SNAPSHOT_DIR = "snapshots"  # a training step's resumable snapshots
@@ -40,7 +42,7 @@ os.umask(_UMASK)
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and os.replace it onto `path`, else remove it."""
-    final = Path(path)
+    final = contained(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; artefacts get the usual permissions
@@ -137,13 +139,54 @@ def outputs_digest(outputs: dict[str, str]) -> str:
 
 
 def read_manifest(step_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The step's manifest, or None when it is absent or unreadable (never raises for a torn file)."""
+    """The step's manifest, or None when it is absent or unreadable: a torn file, or a hand-edited one whose
+    fields have the wrong types (never raises; the step then reads as not done)."""
     try:
         with open(Path(step_dir) / MANIFEST, "r", encoding="utf-8") as handle:
             data = json.load(handle)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and manifest_problem(data) is None else None
+
+
+def _str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def manifest_problem(data: dict[str, Any]) -> str | None:
+    """None when every field a manifest may have has its type (see the module docstring), else the first field
+    that does not: a manifest edited by hand must not reach the engine as an AttributeError."""
+    for key in ("step", "status", "fingerprint"):
+        if key in data and not isinstance(data[key], str):
+            return key
+    fingerprint = data.get("fingerprint")
+    if fingerprint is not None and not all(c in "0123456789abcdef" for c in fingerprint):
+        return "fingerprint"
+    for key in ("fingerprint_parts", "timings", "metrics"):
+        if key in data and data[key] is not None and not isinstance(data[key], dict):
+            return key
+    for key in ("inputs", "outputs"):
+        if key in data and data[key] is not None and not _str_map(data[key]):
+            return key
+    for rel in (data.get("outputs") or {}):
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts:
+            return "outputs"
+    progress = data.get("progress")
+    if progress is not None and not (isinstance(progress, dict) and all(
+            isinstance(progress.get(k), int) and not isinstance(progress.get(k), bool)
+            for k in ("iteration", "total") if k in progress)):
+        return "progress"
+    timings = data.get("timings") or {}
+    if "seconds" in timings and not _number(timings["seconds"]):
+        return "timings"
+    if "world_size" in data and not (isinstance(data["world_size"], int) and not isinstance(data["world_size"], bool)):
+        return "world_size"
+    return None
 
 
 def write_manifest(step_dir: str | os.PathLike[str], manifest: dict[str, Any]) -> None:

@@ -13,13 +13,17 @@ import contextvars
 import copy
 import difflib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import yaml
 
+from . import schema
 from .errors import ConfigError
+
+_MAX_SET_CHARS = 65536
 
 ROOT_DIR = str(Path(__file__).resolve().parents[2])
 
@@ -59,38 +63,6 @@ _PIPELINE_DEFAULTS: dict[str, Any] = {
     "MAX_PER_IMAGE": 100, "DET_THRESH": 0.05, "LOG_EVERY": 1,
     "MODE": "alt_opt", "RUN_CACHE_VERSIONS": 2,
 }
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "PIPELINE.NET": ("tiny", "vgg16", "zf"),
-    "PIPELINE.DEVICE": ("auto", "cpu", "cuda"),
-    "PIPELINE.AMP": ("off", "fp16", "bf16", "auto"),
-    "PIPELINE.MODE": ("alt_opt",),
-}
-# Element types of list keys whose default is empty (the others take the type of the default's elements).
-_ELEMENT_TYPES: dict[str, type] = {"PIPELINE.CLASSES": str}
-
-
-def _positive(v: Any) -> bool:
-    return v > 0
-
-
-def _non_negative(v: Any) -> bool:
-    return v >= 0
-
-
-_RANGES: dict[str, tuple[Any, str]] = {
-    **{f"PIPELINE.STAGE{k}_ITERS": (_positive, "> 0") for k in range(1, 5)},
-    **{f"PIPELINE.STAGE{k}_LR": (_positive, "> 0") for k in range(1, 5)},
-    **{f"PIPELINE.STAGE{k}_STEPSIZE": (_positive, "> 0") for k in range(1, 5)},
-    **{f"PIPELINE.STAGE{k}_SNAPSHOT_ITERS": (_non_negative, ">= 0") for k in range(1, 5)},
-    "TRAIN.SNAPSHOT_ITERS": (_positive, "> 0"),
-    "PIPELINE.WORKERS": (_non_negative, ">= 0"),
-    "PIPELINE.ITER_SIZE": (_positive, "> 0"),
-    "PIPELINE.LOG_EVERY": (_positive, "> 0"),
-    "PIPELINE.RUN_CACHE_VERSIONS": (_non_negative, ">= 0"),
-    "EXP_DIR": (bool, "non-empty"),
-}
-
 
 def default_dict() -> dict[str, Any]:
     """py-faster-rcnn's `lib/fast_rcnn/config.py` defaults plus our PIPELINE section, as a fresh nested dict."""
@@ -209,60 +181,9 @@ def _type_name(value: Any) -> str:
 
 
 def coerce_value(key: str, value: Any, default: Any) -> Any:
-    """`value` converted to the type of `default` for config key `key`, or ConfigError naming both types."""
-    if key == "PIPELINE.AMP" and value is False:
-        value = "off"  # YAML 1.1 reads an unquoted `off` as False
-    if isinstance(default, bool) or isinstance(default, str):
-        ok = type(value) is type(default)
-    elif isinstance(default, int):
-        ok = type(value) is int
-    elif isinstance(default, float):
-        ok = type(value) in (int, float)
-        value = float(value) if ok else value
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, (list, tuple))
-        if ok:
-            value = _coerce_sequence(key, value, default)
-    else:
-        ok = type(value) is type(default)
-    if not ok:
-        raise ConfigError(f"config key {key} expects {_type_name(default)}, got {_type_name(value)} {value!r}")
-    _check_choice_and_range(key, value)
-    return value
-
-
-def _leaf_type(default: Any) -> type | None:
-    while isinstance(default, (list, tuple)):
-        if not default:
-            return None
-        default = default[0]
-    return type(default)
-
-
-def _coerce_sequence(key: str, value: Sequence[Any], default: Sequence[Any]) -> list[Any] | tuple[Any, ...]:
-    leaf = _ELEMENT_TYPES.get(key) or _leaf_type(default)
-    converted = [_coerce_leaf(key, v, leaf) for v in value]
-    return tuple(converted) if isinstance(default, tuple) else converted
-
-
-def _coerce_leaf(key: str, value: Any, leaf: type | None) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_coerce_leaf(key, v, leaf) for v in value]
-    if leaf is None or type(value) is leaf:
-        return value
-    if leaf is float and type(value) is int:
-        return float(value)
-    raise ConfigError(f"config key {key} expects a list of {leaf.__name__}, got an element of type "
-                      f"{_type_name(value)} {value!r}")
-
-
-def _check_choice_and_range(key: str, value: Any) -> None:
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"config key {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-    if key in _RANGES:
-        check, words = _RANGES[key]
-        if not check(value):
-            raise ConfigError(f"config key {key} must be {words}, got {value!r}")
+    """`value` converted to config key `key`'s type and checked against its range (see schema.SCHEMA), or
+    ConfigError naming the key."""
+    return schema.check(key, value, default)
 
 
 def merge_into(config: Config, updates: dict[str, Any], source: str) -> None:
@@ -287,28 +208,24 @@ def _merge(node: Config, updates: dict[str, Any], source: str, prefix: str, root
             raise ConfigError(f"{source}: {err}") from None
 
 
-def _yaml_flow(raw: str) -> Any:
-    """`[a, b]` as YAML reads it; the raw text when it is not YAML (coerce_value then names the key)."""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
 def set_value(config: Config, key: str, raw: str) -> None:
     """Apply one `--set KEY VALUE` pair: VALUE goes through ast.literal_eval, or stays a raw string for str keys.
 
-    A list key also takes YAML flow syntax (`[ellipse, ring]`, unquoted names), as in the config files.
+    A list key also takes YAML flow syntax (`[ellipse, ring]`, unquoted names), as in the config files, read by
+    schema.load_yaml (no aliases, bounded nesting).
     """
     current = config.get(key, default=None)
     if current is None or isinstance(current, dict):
         if isinstance(current, dict):
             raise ConfigError(f"--set {key}: {key} is a section; name one of its keys")
         raise ConfigError(f"--set {key}: {_unknown_key_message(key, config)}")
+    shown = raw if len(raw) <= 80 else f"{raw[:60]}...({len(raw)} chars)"
+    if len(raw) > _MAX_SET_CHARS:
+        raise ConfigError(f"--set {key}: value of {len(raw)} characters is over the {_MAX_SET_CHARS} limit")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = _yaml_flow(raw) if isinstance(current, (list, tuple)) else raw
+        value = schema.load_yaml(raw, f"--set {key}") if isinstance(current, (list, tuple)) else raw
     if isinstance(current, str) and not isinstance(value, str):
         value = raw
     parent_key, _, leaf = key.rpartition(".")
@@ -316,28 +233,42 @@ def set_value(config: Config, key: str, raw: str) -> None:
     try:
         parent[leaf] = coerce_value(key, value, current)
     except ConfigError as err:
-        raise ConfigError(f"--set {key} {raw}: {err}") from None
+        raise ConfigError(f"--set {key} {shown}: {err}") from None
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping in a YAML file ({} for an empty file); errors name the file (and line for syntax errors)."""
+    """The mapping in a YAML file ({} for an empty file); errors name the file (and line for syntax errors).
+
+    Only a regular file is opened (a FIFO would block), at most schema.MAX_BYTES of it, through schema.load_yaml.
+    """
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"config file {path}: is {describe_file_type(info.st_mode)}, not a regular file")
+        if info.st_size > schema.MAX_BYTES:
+            raise ConfigError(f"config file {path}: {info.st_size} bytes is over the {schema.MAX_BYTES} limit")
         with open(path, "r", encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            text = handle.read(schema.MAX_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"config file {path}{where}: invalid YAML: {problem}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path}: cannot read: {err}") from None
+    data = schema.load_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of config keys, got {_type_name(data)}")
     return data
+
+
+def describe_file_type(mode: int) -> str:
+    """'a directory', 'a FIFO (named pipe)', 'a character device', ... for a stat mode that is not a file."""
+    for test, words in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                        (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 def load_config(path: str | os.PathLike[str] | None = None,

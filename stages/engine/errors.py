@@ -31,7 +31,7 @@ def is_bad_input(err: BaseException) -> bool:
 def one_line(err: BaseException) -> str:
     """The error's message on one line (a KeyError's message without its quotes)."""
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(str(text).split())
+    return " ".join(w if len(w) <= 300 else f"{w[:280]}...({len(w)} chars)" for w in str(text).split())
 
 
 class PipelineError(Exception):

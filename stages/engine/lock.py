@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import Interrupted, LockError
+from .paths import contained
 
 LOCK_NAME = ".lock"
 
@@ -91,7 +92,7 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        contained(self.exp_dir).mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._try_create():
                 self.held = True
@@ -100,13 +101,21 @@ class RunLock:
             if holder is None:
                 continue
             if lock_holder_alive(holder):
+                hint = "wait for it to finish"
+                if holder.get("host") != socket.gethostname():
+                    hint = (f"this host ({socket.gethostname()}) cannot tell whether a process on another host is "
+                            f"still alive: wait for it to finish, or, if that run is gone, remove {self.path} by "
+                            "hand and run again")
                 raise LockError(f"{self.exp_dir} is in use by another run (pid {holder.get('pid')} on "
-                                f"{holder.get('host')}, started {holder.get('started')}); wait for it to finish")
+                                f"{holder.get('host')}, started {holder.get('started')}); {hint}")
             self._take_over(holder)
         raise LockError(f"could not take the lock {self.path}: it keeps changing; is another run starting?")
 
     def _try_create(self) -> bool:
-        fd, tmp = tempfile.mkstemp(prefix=".lock.", dir=self.exp_dir)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".lock.", dir=self.exp_dir)
+        except OSError as err:  # a full or read-only disk: say which file
+            raise OSError(err.errno, f"{err.strerror} while writing", str(self.path)) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(self.info, handle)
@@ -114,6 +123,8 @@ class RunLock:
             return True
         except FileExistsError:
             return False
+        except OSError as err:
+            raise OSError(err.errno, f"{err.strerror} while writing", str(self.path)) from None
         finally:
             os.unlink(tmp)
 

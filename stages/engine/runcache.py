@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .paths import contained
 from .artifacts import read_manifest, stale_reason
 
 CACHE_DIR = ".cache"
@@ -81,7 +82,7 @@ class RunCache:
     def restore(self, step: str, fingerprint: str, folder: Path) -> None:
         """Move the cached version back to `folder` (which must not exist)."""
         source = self._dir(step, fingerprint)
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        contained(folder).parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, folder)
 
     def drop(self, step: str, fingerprint: str | None = None) -> None:

@@ -34,6 +34,7 @@ from .errors import (ConfigError, Interrupted, MissingStepBodyError, StepFailedE
 from .graph import (DATA_INPUTS, M0, Graph, Selection, Step, all_step_ids, fingerprint_parts, graph_for, hash_parts,
                     undeclared_reads)
 from .lock import RunLock, interrupt_guard, lock_holder_alive, raise_if_interrupted, read_lock
+from .paths import contained, set_write_roots, write_roots
 from .runcache import RunCache
 
 if TYPE_CHECKING:  # torch is imported when a step runs, so that `status` starts without it
@@ -455,10 +456,14 @@ class Runner:
             raise
         seconds = time.time() - started
         if main:
-            outputs = hash_outputs(self.step_dir(step_id), result.outputs)
-            update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
-                            timings={"started": _iso(started), "finished": _iso(time.time()),
-                                     "seconds": round(seconds, 3)})
+            try:
+                outputs = hash_outputs(self.step_dir(step_id), result.outputs)
+                update_manifest(self.step_dir(step_id), status="done", outputs=outputs, metrics=result.metrics,
+                                timings={"started": _iso(started), "finished": _iso(time.time()),
+                                         "seconds": round(seconds, 3)})
+            except BaseException:  # e.g. a full disk at the 'done' manifest: as for a failed body
+                self._after_failure(step_id, stashed)
+                raise
             self.cache.drop(step_id, fingerprint)  # a cached copy of this fingerprint is superseded
             self.cache.prune(step_id)
             self._changed()
@@ -485,7 +490,7 @@ class Runner:
             _remove_temporaries(folder)
             self.echo(f"{step_id}: resuming its partial run from the run cache")
             return cached.manifest.get("progress"), stashed
-        folder.mkdir(parents=True)
+        contained(folder).mkdir(parents=True)
         return None, stashed
 
     def _after_failure(self, step_id: str, stashed: str | None) -> None:
@@ -529,7 +534,7 @@ class Runner:
         result_file = self.step_dir(step_id) / _RESULT
         result_file.unlink(missing_ok=True)
         process = multiprocessing.get_context("spawn").Process(
-            target=_child_main, args=(body, ctx, self.debug, os.getpid()), name=f"step-{step_id}")
+            target=_child_main, args=(body, ctx, self.debug, os.getpid(), write_roots()), name=f"step-{step_id}")
         process.start()
         _wait_for_child(process, step_id)
         try:
@@ -679,10 +684,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(137)
 
 
-def _child_main(body: StepBody, ctx: StepContext, debug: bool, parent_pid: int | None = None) -> None:
+def _child_main(body: StepBody, ctx: StepContext, debug: bool, parent_pid: int | None = None,
+                roots: tuple[Path, ...] = ()) -> None:
     """Entry point of an isolated step: run the body, leave its result in the step folder, exit 0/2/130/1."""
     if parent_pid is not None and sys.platform.startswith("linux"):
         _die_with_parent(parent_pid)
+    set_write_roots(roots)  # the parent's write containment (a spawned child starts without it)
     code = 0
     with interrupt_guard():
         try:

@@ -13,6 +13,7 @@ loader shard, the logged losses are the means over the ranks, and rank 0 alone w
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from .config import SolverSettings
 from .distributed import SINGLE, DistContext, wrap_loss
 from .errors import Interrupted, NonFiniteLossError, PipelineError, SnapshotMismatchError, StepFailedError
 from .lock import defer_interrupts, raise_if_interrupted
+from .paths import contained
 from .progress import ProgressBar
 
 LOG_NAME = "log.jsonl"
@@ -286,9 +288,38 @@ class _Run:
 
 def save_torch(obj: Any, path: Path) -> None:
     """torch.save through a file object, so the zip's inner folder is "archive" whatever the (temporary)
-    file name: the same weights then give the same bytes and the same sha256."""
-    with open(path, "wb") as handle:
-        torch.save(obj, handle)
+    file name: the same weights then give the same bytes and the same sha256.
+
+    On a full disk torch raises RuntimeError("[enforce fail at inline_container.cc] ... file write failed");
+    that one becomes OSError(ENOSPC) (one line, exit 2), but only when the disk really is full: an ENOSPC in the
+    exception chain, or a write failure with less than DISK_FULL_BYTES left on the file's filesystem. Any other
+    RuntimeError stays a bug."""
+    try:
+        with open(path, "wb") as handle:
+            torch.save(obj, handle)
+    except RuntimeError as err:
+        if disk_full(err, path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from err
+        raise
+
+
+DISK_FULL_BYTES = 1 << 20
+
+
+def disk_full(err: BaseException, path: Path) -> bool:
+    """Whether `err`, raised while writing `path`, is the disk being full (see save_torch)."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    if "write" not in str(err):
+        return False
+    try:
+        stats = os.statvfs(Path(path).parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < DISK_FULL_BYTES
 
 
 def _save_snapshot(run: _Run, out_dir: Path, iteration: int) -> Path | None:
@@ -371,7 +402,7 @@ def train_loop(model: torch.nn.Module, loss_fn: LossFn, loader: BatchLoader, sol
     iters, stepsize, iter_size, label = solver.iters, solver.stepsize, solver.iter_size, reporter.label
     echo = reporter.echo
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    contained(out_dir).mkdir(parents=True, exist_ok=True)
     if iters <= 0 or stepsize <= 0 or iter_size <= 0:
         raise ValueError(f"{label}: iters, stepsize and iter_size must be > 0, got {iters}, {stepsize}, {iter_size}")
     if not dist.is_main:

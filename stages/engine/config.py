@@ -61,7 +61,7 @@ _PIPELINE_DEFAULTS: dict[str, Any] = {
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "PIPELINE.NET": ("tiny", "vgg16", "zf"),
+    "PIPELINE.NET": ("tiny", "vgg16", "zf", "resnet50", "resnet101"),
     "PIPELINE.DEVICE": ("auto", "cpu", "cuda"),
     "PIPELINE.AMP": ("off", "fp16", "bf16", "auto"),
     "PIPELINE.MODE": ("alt_opt",),

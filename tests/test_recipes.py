@@ -56,8 +56,12 @@ def toy_overrides(data_root: Path, out: Path, weights: Path | None, exp: str) ->
              "TRAIN.SCALES": "[128]", "TRAIN.MAX_SIZE": "192", "TEST.SCALES": "[128]", "TEST.MAX_SIZE": "192",
              "TRAIN.BATCH_SIZE": "8", "TRAIN.RPN_BATCHSIZE": "64", "TEST.RPN_POST_NMS_TOP_N": "5",
              "TEST.RPN_MIN_SIZE": "4", "PIPELINE.ANCHOR_SCALES": "[2, 4, 8]"}
-    for k in range(1, 5):
-        pairs.update({f"PIPELINE.STAGE{k}_ITERS": "2", f"PIPELINE.STAGE{k}_STEPSIZE": "1"})
+    for key, value in load_config().flat().items():   # every iteration count (alt-opt's four, end2end's) -> 2
+        if key.startswith("PIPELINE.") and type(value) is int and "SNAPSHOT" not in key:
+            if key.endswith("ITERS"):
+                pairs[key] = "2"
+            elif key.endswith("STEPSIZE"):
+                pairs[key] = "1"
     return list(pairs.items())
 
 

@@ -54,7 +54,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         scores: [N], same dtype and device.
         iou_threshold: a box is suppressed when its IoU with a higher-scoring kept box is > this (strict).
     Returns:
-        int64 [K] indices of the kept boxes in decreasing score order; equal scores: lower index first.
+        int64 [K] indices of the kept boxes in decreasing score order; equal scores: the higher index first
+        (py-faster-rcnn's ``scores.argsort()[::-1]``).
     Raises:
         KernelInputError (a ValueError) naming the argument for a wrong shape, dtype or value.
     """
@@ -72,7 +73,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """NMS within each class: boxes [N, 4], scores [N] (dtypes as in :func:`nms`), idxs [N] integer class ids.
 
-    Returns int64 [K] kept indices in decreasing score order (ties: lower index first); exactly the union
+    Returns int64 [K] kept indices in decreasing score order (ties: higher index first); exactly the union
     of :func:`nms` run on each class separately.
     """
     check_batched_nms_args(boxes, scores, idxs, iou_threshold)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["nms", "batched_nms", "roi_pool", "roi_align", "caffe_round"]
+__all__ = ["nms", "batched_nms", "argsort_desc", "roi_pool", "roi_align", "caffe_round"]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -24,9 +24,10 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         scores: [N] same dtype.
         iou_threshold: a box is suppressed when its IoU with a kept box is > this (strict).
     Returns:
-        int64 [K] kept indices in decreasing score order; equal scores keep the lower index first.
+        int64 [K] kept indices in decreasing score order; equal scores: the higher index first, as
+        py-faster-rcnn's ``scores.argsort()[::-1]`` (see :func:`argsort_desc`).
     """
-    order = torch.sort(scores, descending=True, stable=True).indices
+    order = argsort_desc(scores)
     x1, y1, x2, y2 = boxes.unbind(1)
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     thr = torch.tensor(iou_threshold, dtype=boxes.dtype)
@@ -57,7 +58,13 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
         members = torch.nonzero(idxs == c).flatten()
         kept.append(members[nms_fn(boxes[members], scores[members], iou_threshold)])
     keep = torch.sort(torch.cat(kept)).values
-    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+    return keep[argsort_desc(scores[keep])]
+
+
+def argsort_desc(scores: torch.Tensor) -> torch.Tensor:
+    """Indices by decreasing score, equal scores by decreasing index: py-faster-rcnn's ``argsort()[::-1]`` with
+    a stable increasing sort (NumPy's default quicksort leaves the order of ties unspecified beyond 16 items)."""
+    return torch.flip(torch.sort(scores, stable=True).indices, [0])
 
 
 def caffe_round(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Backbones (vgg16, zf, tiny): a stride-16 conv body and a box head (RoI features -> fc7), plus weight loading.
+"""Backbones (vgg16, zf, tiny; resnet50/101 in nets.resnet): a stride-16 conv body and a box head (RoI features ->
+fc7 or res5 + average pool), plus weight loading.
 
 Every backbone takes the py-faster-rcnn image blob: float32 (B, 3, H, W), BGR, 0-255 minus PIXEL_MEANS, and gives a
 (B, C, ~H/16, ~W/16) feature map with Caffe's ceil-mode pooling arithmetic (vgg16 and tiny: ceil(H/16); zf at 600
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Backbone", "LRNWithinChannel", "build_backbone", "body_memory_format", "vgg16", "zf", "tiny",
-           "init_backbone", "load_backbone_weights", "WeightsError", "NETS", "TORCHVISION_MEAN", "TORCHVISION_STD"]
+           "init_backbone", "load_backbone_weights", "WeightsError", "NETS", "RESNETS", "NET_NAMES",
+           "TORCHVISION_MEAN", "TORCHVISION_STD"]
 
 # torchvision's ImageNet normalisation (RGB, 0-1 scale), folded into conv1_1 when loading its weights.
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
@@ -53,13 +55,15 @@ class Backbone(nn.Module):
     Attributes:
         name: 'vgg16', 'zf' or 'tiny'.
         body: ``nn.Sequential`` of named layers; ``forward`` runs it.
-        box_head: ``nn.Sequential`` fc6, relu6, [drop6], fc7, relu7, [drop7] on flattened (R, C * P * P) input.
+        box_head: ``nn.Sequential`` flatten, fc6, relu6, [drop6], fc7, relu7, [drop7] on (R, C, P, P) input.
         out_channels: C of the feature map; rpn_channels: width of the RPN's 3x3 conv.
         pool_size: RoI pooling output P (7 for vgg16 and tiny, 6 for zf); fc_dim: width of fc7.
         always_frozen: conv layer names never trained (vgg16: conv1_x, conv2_x; tiny: conv1).
+        pooling: the RoI pooling the net is built with by default ('roi_pool'; the ResNets use 'roi_align').
     """
 
     feat_stride = 16
+    pooling = "roi_pool"
 
     def __init__(self, name: str, body: "OrderedDict[str, nn.Module]", out_channels: int, rpn_channels: int,
                  pool_size: int, fc_dim: int, dropout: bool, always_frozen: Sequence[str] = ()):
@@ -70,6 +74,7 @@ class Backbone(nn.Module):
         self.pool_size, self.fc_dim = pool_size, fc_dim
         self.always_frozen = tuple(always_frozen)
         head: "OrderedDict[str, nn.Module]" = OrderedDict()
+        head["flatten"] = nn.Flatten(1)
         head["fc6"] = nn.Linear(out_channels * pool_size * pool_size, fc_dim)
         head["relu6"] = nn.ReLU(inplace=True)
         if dropout:
@@ -82,8 +87,9 @@ class Backbone(nn.Module):
 
     @property
     def conv_names(self) -> list[str]:
-        """Names of the body's conv layers, input to output."""
-        return [n for n, m in self.body.named_children() if isinstance(m, nn.Conv2d)]
+        """Names of the body's layers that hold parameters, input to output: the units freezing addresses (the
+        conv layers of vgg16/zf/tiny; conv1, res2, res3, res4 of a ResNet)."""
+        return [n for n, m in self.body.named_children() if any(True for _ in m.parameters())]
 
     def forward(self, data: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) image blob -> (B, out_channels, ~H/16, ~W/16) contiguous features (Caffe's ceil-mode pools).
@@ -96,7 +102,7 @@ class Backbone(nn.Module):
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
         """(R, C, P, P) pooled RoI features -> (R, fc_dim) fc7 activations."""
-        return self.box_head(pooled.flatten(1))
+        return self.box_head(pooled)
 
 
 _SLOW_NHWC_BACKWARD = torch.backends.cpu.get_cpu_capability() != "AVX512"
@@ -180,12 +186,18 @@ def tiny() -> Backbone:
 
 
 NETS = {"vgg16": vgg16, "zf": zf, "tiny": tiny}
+# ResNets in the C4 layout live in nets.resnet (imported on use: it builds on this module).
+RESNETS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
+NET_NAMES = tuple(sorted((*NETS, *RESNETS)))
 
 
 def build_backbone(net: str) -> Backbone:
-    """The backbone called ``net`` ('vgg16', 'zf' or 'tiny'), randomly initialised by PyTorch's defaults."""
+    """The backbone called ``net`` (one of :data:`NET_NAMES`), randomly initialised by PyTorch's defaults."""
+    if net in RESNETS:
+        from nets.resnet import resnet
+        return resnet(net)
     if net not in NETS:
-        raise ValueError(f"unknown net '{net}' (known: {', '.join(sorted(NETS))})")
+        raise ValueError(f"unknown net '{net}' (known: {', '.join(NET_NAMES)})")
     return NETS[net]()
 
 
@@ -197,7 +209,8 @@ def init_backbone(backbone: Backbone, generator: torch.Generator) -> None:
     """Seeded random init of every conv and fc: He-normal weights (fan-in, ReLU gain), zero biases.
 
     The first conv's std is further divided by :data:`INPUT_PIXEL_STD`, so features come out O(1) on 0-255 input
-    and the RPN/predictor inits (N(0, 0.01)) start with small logits, as with ImageNet weights.
+    and the RPN/predictor inits (N(0, 0.01)) start with small logits, as with ImageNet weights. A ResNet's frozen
+    BatchNorms are then set by its ``reset_norms`` (identity, residual branches scaled down).
     """
     layers = [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     for i, m in enumerate(layers):
@@ -205,7 +218,11 @@ def init_backbone(backbone: Backbone, generator: torch.Generator) -> None:
         std = math.sqrt(2.0 / fan_in) / (INPUT_PIXEL_STD if i == 0 else 1.0)
         with torch.no_grad():
             m.weight.normal_(0.0, std, generator=generator)
-            m.bias.zero_()
+            if m.bias is not None:
+                m.bias.zero_()
+    reset_norms = getattr(backbone, "reset_norms", None)
+    if reset_norms is not None:
+        reset_norms()
 
 
 def _natural_key(name: str) -> list:
@@ -240,6 +257,18 @@ def _fold_torchvision_input(weight: torch.Tensor, bias: torch.Tensor, pixel_mean
     return w.flip(1).to(weight.dtype), b.to(bias.dtype)
 
 
+def read_state_dict(path: Path) -> dict:
+    """The state dict in ``path`` (``torch.load(weights_only=True)``; a ``{'state_dict': ...}`` wrapper is opened);
+    WeightsError naming the file when it cannot be read or is not a dict."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise WeightsError(f"{path}: cannot load weights ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state.get("state_dict", state)
+
+
 def load_backbone_weights(backbone: Backbone, path: str | Path,
                           pixel_means: Sequence[float] = PYFRCNN_PIXEL_MEANS) -> str:
     """Load ImageNet weights into the body convs and fc6/fc7, matching layers by order.
@@ -249,19 +278,18 @@ def load_backbone_weights(backbone: Backbone, path: str | Path,
     Caffe-converted one (``conv1_1.weight``, ``fc6.weight``: BGR 0-255, used as is). Convs map one to one in order;
     the first two fc layers become fc6 and fc7 (fc8 is ignored).
 
+    A ResNet takes a torchvision ResNet state dict instead (:func:`nets.resnet.load_resnet_weights`).
+
     Returns:
         'torchvision' or 'caffe', the format detected.
     Raises:
         WeightsError: naming the file and the layer when a count or shape does not match.
     """
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise WeightsError(f"{path}: cannot load weights ({str(exc).splitlines()[0]})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
-    state = state.get("state_dict", state)
+    state = read_state_dict(path)
+    if backbone.name in RESNETS:
+        from nets.resnet import load_resnet_weights
+        return load_resnet_weights(backbone, state, path, pixel_means)
     fmt = "torchvision" if any(k.startswith("features.") for k in state) else "caffe"
     src_convs, src_fcs = _source_layers(state, path)
     dst_convs = [getattr(backbone.body, n) for n in backbone.conv_names]

@@ -33,10 +33,10 @@ class FasterRCNN(nn.Module):
     ``bbox_stds`` (4K,) undo the Fast R-CNN target normalisation at test time; they start at 0 and 1.
 
     Args:
-        net: 'vgg16', 'zf' or 'tiny'.
+        net: 'vgg16', 'zf', 'tiny', 'resnet50' or 'resnet101'.
         num_classes: K, background included.
         anchor_scales, anchor_ratios: for :func:`nets.anchors.generate_anchors` (base size 16).
-        pooling: 'roi_pool' (default) or 'roi_align'.
+        pooling: 'roi_pool' or 'roi_align'; None takes the net's own (roi_align for the ResNets, else roi_pool).
         weights: ImageNet weights file for the body and fc6/fc7 (see :func:`nets.backbones.load_backbone_weights`);
             None gives a seeded random init (He-normal) and a warning when ``warn_random_init``.
         seed: seeds the ``torch.Generator`` that draws every initial weight (RNG_SEED).
@@ -44,7 +44,7 @@ class FasterRCNN(nn.Module):
     """
 
     def __init__(self, net: str, num_classes: int, *, anchor_scales: Sequence[float] = (8, 16, 32),
-                 anchor_ratios: Sequence[float] = (0.5, 1, 2), pooling: str = "roi_pool", weights: str | None = None,
+                 anchor_ratios: Sequence[float] = (0.5, 1, 2), pooling: str | None = None, weights: str | None = None,
                  seed: int = 3, pixel_means: Sequence[float] = PYFRCNN_PIXEL_MEANS, warn_random_init: bool = True):
         super().__init__()
         if num_classes < 2:
@@ -68,7 +68,7 @@ class FasterRCNN(nn.Module):
         self.rpn = RPNHead(backbone.out_channels, backbone.rpn_channels, base.shape[0])
         self.rpn.reset_parameters(generator)
         self.roi_head = RoIHead(backbone.box_head, backbone.out_channels, backbone.fc_dim, num_classes,
-                                backbone.pool_size, 1.0 / backbone.feat_stride, pooling)
+                                backbone.pool_size, 1.0 / backbone.feat_stride, pooling or backbone.pooling)
         self.roi_head.reset_predictors(generator)
         self.register_buffer("base_anchors", torch.as_tensor(base, dtype=torch.float32), persistent=False)
         self.register_buffer("bbox_means", torch.zeros(4 * num_classes))

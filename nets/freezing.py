@@ -7,7 +7,9 @@
 | stage3 | rpn  | RPN head only                                                          |
 | stage4 | frcn | fc6, fc7, cls_score, bbox_pred                                         |
 
-``always_frozen``: vgg16 conv1_1..conv2_2 (as py-faster-rcnn); zf none (stages 1-2 train every conv); tiny conv1.
+``always_frozen``: vgg16 conv1_1..conv2_2 (as py-faster-rcnn); zf none (stages 1-2 train every conv); tiny conv1;
+resnet50/101 conv1 and res2 (their body units are conv1, res2, res3, res4; res5 is the box head, "fc6/fc7" above,
+and every BatchNorm is frozen, a buffer).
 """
 from __future__ import annotations
 

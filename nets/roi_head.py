@@ -14,7 +14,8 @@ POOLING_MODES = ("roi_pool", "roi_align")
 class RoIHead(nn.Module):
     """RoIs -> class logits (R, K) and per-class deltas (R, 4K).
 
-    ``box_head`` is the backbone's fc6/fc7 stack (owned here so checkpoints keep it with the predictors).
+    ``box_head`` is the backbone's (R, C, P, P) -> (R, fc_dim) head: fc6/fc7, or a ResNet's res5 + average pool
+    (owned here so checkpoints keep it with the predictors).
     Pooling is ``kernels.roi_pool`` (Caffe's RoI max pooling, py-faster-rcnn's default) or ``kernels.roi_align``
     (sampling_ratio 2, aligned=False), at ``spatial_scale`` = 1/16 with ``pool_size`` x ``pool_size`` bins.
     """
@@ -48,7 +49,7 @@ class RoIHead(nn.Module):
     def predict(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, C, P, P) pooled features -> cls_score (R, K), bbox_pred (R, 4K), float32 even under autocast
         (the losses and box decoding run in float32)."""
-        fc7 = self.box_head(pooled.flatten(1))
+        fc7 = self.box_head(pooled)
         return self.cls_score(fc7).float(), self.bbox_pred(fc7).float()
 
     def forward(self, features: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

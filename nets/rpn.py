@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from kernels import nms
+from kernels.reference import argsort_desc
 from kernels.boxes import bbox_overlaps, bbox_transform, bbox_transform_inv, clip_boxes
 
 __all__ = ["RPNHead", "anchor_target_layer", "proposal_layer"]
@@ -176,7 +177,7 @@ def proposal_layer(scores: torch.Tensor, deltas: torch.Tensor, im_info: Sequence
         keep = torch.nonzero((boxes[:, 2] - boxes[:, 0] + 1 >= min_px)
                              & (boxes[:, 3] - boxes[:, 1] + 1 >= min_px)).flatten()
         boxes, fg = boxes[keep], fg[keep]
-        order = torch.sort(fg, descending=True, stable=True).indices
+        order = argsort_desc(fg)   # py-faster-rcnn's scores.ravel().argsort()[::-1]: ties by decreasing index
         if pre_nms_top_n > 0:
             order = order[:pre_nms_top_n]
         boxes, fg = boxes[order].float().contiguous(), fg[order].float().contiguous()

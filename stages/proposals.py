@@ -14,6 +14,7 @@ proposals (recall@0.5_top300, recall@0.7_top300, recall@0.5, recall@0.7) and the
 from __future__ import annotations
 
 import pickle
+import pickletools
 from typing import Sequence
 
 import numpy as np
@@ -95,9 +96,27 @@ def _builtin_dtypes(obj):
     return obj
 
 
+def py2_compatible_pickle(obj) -> bytes:
+    """`obj` pickled with protocol 2 so that Python 2's cPickle with NumPy 1.x loads it: NumPy 2 names its
+    reconstructors ``numpy._core.multiarray._reconstruct`` (and ``numpy._core.*`` generally), a module NumPy 1.x
+    does not have; every such GLOBAL is rewritten to the ``numpy.core.*`` name NumPy 1.x wrote (NumPy 2 still
+    loads it). GLOBAL is a newline-terminated text opcode and protocol 2 addresses nothing by byte offset, so
+    replacing the opcodes found by ``pickletools.genops`` (never a match inside array data) keeps the pickle valid."""
+    data = pickle.dumps(_builtin_dtypes(obj), protocol=PICKLE_PROTOCOL)
+    pieces, start = [], 0
+    for op, arg, pos in pickletools.genops(data):
+        if op.name == "GLOBAL" and arg.startswith("numpy._core"):
+            module, name = arg.split(" ", 1)
+            end = pos + 1 + len(module) + 1 + len(name) + 1
+            pieces += [data[start:pos], b"c" + f"numpy.core{module[len('numpy._core'):]}\n{name}\n".encode("ascii")]
+            start = end
+    return b"".join(pieces) + data[start:] if pieces else data
+
+
 def write_pickle(path, obj) -> None:
-    """Pickle `obj` (protocol 2) to `path` atomically; the bytes depend only on the values (see _builtin_dtypes)."""
-    atomic_write_bytes(path, pickle.dumps(_builtin_dtypes(obj), protocol=PICKLE_PROTOCOL))
+    """Pickle `obj` (protocol 2, :func:`py2_compatible_pickle`) to `path` atomically; the bytes depend only on the
+    values (see _builtin_dtypes)."""
+    atomic_write_bytes(path, py2_compatible_pickle(obj))
 
 
 def _recall_metrics(boxes: list[np.ndarray], imdb: Imdb) -> dict[str, float]:

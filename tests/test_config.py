@@ -61,10 +61,20 @@ def test_py_faster_rcnn_alt_opt_yml_loads_unchanged():
     assert all(cfg.get(k) == v for k, v in untouched.items())
 
 
-@pytest.mark.parametrize("name", ["default.yml", "voc07_vgg16_alt_opt.yml", "voc07_zf_alt_opt.yml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yml")))
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
-    assert cfg.PIPELINE.NET in ("tiny", "vgg16", "zf")
+    assert cfg.PIPELINE.NET in ("tiny", "vgg16", "zf", "resnet50", "resnet101")
+
+
+def test_res101_recipe_values():
+    """tf-faster-rcnn's res101 VOC07 solver (lr 1e-3, x0.1, weight decay 1e-4, 256 RoIs) on alt-opt's stages."""
+    cfg = load_config(CONFIGS / "voc07_res101_alt_opt.yml")
+    assert cfg.PIPELINE.NET == "resnet101" and cfg.PIPELINE.WEIGHTS == "data/pretrained/resnet101-63fe2227.pth"
+    assert [solver_settings(cfg, k).stepsize for k in (1, 2, 3, 4)] == [60000, 30000, 60000, 30000]
+    assert [cfg.get(f"PIPELINE.STAGE{k}_ITERS") for k in (1, 2, 3, 4)] == [80000, 40000, 80000, 40000]
+    assert cfg.PIPELINE.WEIGHT_DECAY == 0.0001 and cfg.TRAIN.BATCH_SIZE == 256 and cfg.PIPELINE.GAMMA == 0.1
+    assert all(cfg.get(f"PIPELINE.STAGE{k}_LR") == 0.001 for k in (1, 2, 3, 4))
 
 
 def test_vgg16_recipe_values():
@@ -125,7 +135,7 @@ def test_wrong_type_in_yml_names_file_and_key(tmp_path):
 
 
 def test_choices_ranges_and_yaml_off():
-    with pytest.raises(ConfigError, match=r"PIPELINE.NET must be one of tiny, vgg16, zf, got 'resnet'"):
+    with pytest.raises(ConfigError, match=r"PIPELINE.NET must be one of tiny, vgg16, zf, resnet50, resnet101, got 'resnet'"):
         load_config(overrides=[("PIPELINE.NET", "resnet")])
     with pytest.raises(ConfigError, match=r"PIPELINE.STAGE3_ITERS must be in \[1, 1000000000\], got 0"):
         load_config(overrides=[("PIPELINE.STAGE3_ITERS", "0")])

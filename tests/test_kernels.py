@@ -71,10 +71,11 @@ def test_reference_nms_strict_threshold_and_ties():
     boxes = torch.tensor([[0, 0, 9, 9], [0, 0, 9, 4], [0, 0, 9, 9]], dtype=torch.float64)
     scores = torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)
     # IoU(0, 1) = 50 / (100 + 50 - 50) = 0.5 exactly: kept at 0.5 (strict >), suppressed just below
-    assert reference.nms(boxes[:2], scores[:2], 0.5).tolist() == [0, 1]
-    assert reference.nms(boxes[:2], scores[:2], 0.4999).tolist() == [0]
-    # identical boxes with tied scores: the lowest index survives
-    assert reference.nms(boxes, scores, 0.9).tolist() == [0, 1]
+    # (tied scores go by decreasing index, as py-faster-rcnn's argsort()[::-1])
+    assert reference.nms(boxes[:2], scores[:2], 0.5).tolist() == [1, 0]
+    assert reference.nms(boxes[:2], scores[:2], 0.4999).tolist() == [1]
+    # identical boxes with tied scores: the highest index survives
+    assert reference.nms(boxes, scores, 0.9).tolist() == [2, 1]
 
 
 def test_caffe_round_goes_away_from_zero():
@@ -134,10 +135,10 @@ def test_nms_edge_cases(ext, dtype):
     assert empty.dtype == torch.int64 and empty.numel() == 0
     one = torch.tensor([[5, 5, 20, 30]], dtype=dtype)
     assert ext.nms(one, torch.ones(1, dtype=dtype), 0.5).tolist() == [0]
-    # 100 identical boxes with tied scores -> the first one only; at threshold 1.0 nothing is suppressed
+    # 100 identical boxes with tied scores -> the last one only (argsort()[::-1]); at 1.0 nothing is suppressed
     same = one.repeat(100, 1)
-    assert ext.nms(same, torch.ones(100, dtype=dtype), 0.5).tolist() == [0]
-    assert ext.nms(same, torch.ones(100, dtype=dtype), 1.0).tolist() == list(range(100))
+    assert ext.nms(same, torch.ones(100, dtype=dtype), 0.5).tolist() == [99]
+    assert ext.nms(same, torch.ones(100, dtype=dtype), 1.0).tolist() == list(range(99, -1, -1))
     # IoU exactly 0.5 in a large input (so the tiled path runs): kept at 0.5, suppressed at 0.49
     base = torch.tensor([[0, 0, 9, 9], [0, 0, 9, 4]], dtype=dtype)
     far = torch.arange(100, dtype=dtype)[:, None] * 1000
@@ -171,8 +172,8 @@ def test_batched_nms_equals_per_class_nms(dtype):
             want += members[kernels.nms(boxes[members], scores[members], 0.5)].tolist()
         assert sorted(keep.tolist()) == sorted(want)
         assert torch.equal(keep, reference.batched_nms(boxes, scores, idxs, 0.5))
-        # decreasing score, ties by lower index
-        order = sorted(want, key=lambda i: (-float(scores[i]), i))
+        # decreasing score, ties by higher index (py-faster-rcnn's argsort()[::-1])
+        order = sorted(want, key=lambda i: (-float(scores[i]), -i))
         assert keep.tolist() == order
     one_class = kernels.batched_nms(boxes, scores, torch.zeros(300, dtype=torch.int64), 0.5)
     assert torch.equal(one_class, kernels.nms(boxes, scores, 0.5))

@@ -20,7 +20,9 @@ at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_thr
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
-  at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  // py-faster-rcnn's order, scores.argsort()[::-1]: a stable increasing sort, reversed (equal scores by
+  // decreasing index), as the CPU kernel and kernels.reference do.
+  at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false)).flip({0});
   at::Tensor sorted = boxes.index_select(0, order).contiguous();
   const int64_t blocks = (n + kNmsThreadsPerBlock - 1) / kNmsThreadsPerBlock;
   at::Tensor mask = at::empty({n * blocks}, boxes.options().dtype(at::kLong));

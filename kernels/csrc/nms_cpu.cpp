@@ -266,7 +266,9 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, double io
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK_VALUE(!std::isnan(sc[i]), "scores contain NaN");
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [sc](int64_t a, int64_t b) { return sc[a] > sc[b]; });
+  // py-faster-rcnn's order, scores.argsort()[::-1]: decreasing score, equal scores by decreasing index.
+  std::sort(order.begin(), order.end(),
+            [sc](int64_t a, int64_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a > b); });
   Boxes<T> s;
   s.resize(n);
   double max_abs = 0;

@@ -167,11 +167,12 @@ def _flatten(node: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 
 
 def _unknown_key_message(key: str, reference: dict[str, Any]) -> str:
+    """The message for an unknown `key`, naming the nearest existing leaf key (never a section, always one)."""
     names = [k for k, _ in _flatten(reference)]
-    sections = {k.rsplit(".", 1)[0] for k in names if "." in k}
-    close = difflib.get_close_matches(key, names + sorted(sections), n=1, cutoff=0.6)
-    if not close:
-        close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:   # case-insensitive, and the best there is however far (`FOO: 1` still gets a key)
+        by_upper = {n.upper(): n for n in names}
+        close = [by_upper[m] for m in difflib.get_close_matches(key.upper(), list(by_upper), n=1, cutoff=0.0)]
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown config key {key}{hint}"
 

@@ -172,12 +172,12 @@ class Graph:
 
 ALT_OPT = Graph("alt_opt", (
     Step("stage1", (M0, TRAIN_DATA), _MODEL + _TRAIN_DATA + _RPN_TRAIN + _stage_solver(1), stage=1),
-    Step("p1", ("stage1", TRAIN_DATA), _MODEL + _PROPOSALS),
+    Step("p1", ("stage1", TRAIN_DATA), _MODEL + _PROPOSALS, version="2"),   # 2: NMS ties, py2-loadable pickles
     Step("stage2", ("p1", M0, TRAIN_DATA), _MODEL + _TRAIN_DATA + _FRCN_TRAIN + _stage_solver(2), stage=2),
     Step("stage3", ("stage2", TRAIN_DATA), _MODEL + _TRAIN_DATA + _RPN_TRAIN + _stage_solver(3), stage=3),
-    Step("p2", ("stage3", TRAIN_DATA), _MODEL + _PROPOSALS),
+    Step("p2", ("stage3", TRAIN_DATA), _MODEL + _PROPOSALS, version="2"),
     Step("stage4", ("stage3", "p2", TRAIN_DATA), _MODEL + _TRAIN_DATA + _FRCN_TRAIN + _stage_solver(4), stage=4),
-    Step("eval", ("stage4", TEST_DATA), _MODEL + _EVAL),
+    Step("eval", ("stage4", TEST_DATA), _MODEL + _EVAL, version="2"),
 ))
 
 GRAPHS: dict[str, Graph] = {ALT_OPT.mode: ALT_OPT}

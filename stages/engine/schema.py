@@ -117,7 +117,7 @@ _TEST = {
     "RPN_PRE_NMS_TOP_N": Int(0), "RPN_POST_NMS_TOP_N": Int(0), "RPN_MIN_SIZE": Int(0, 8192),
 }
 _PIPELINE = {
-    "NET": Choice("tiny", "vgg16", "zf"), "WEIGHTS": STR, "TRAIN_IMDB": STR, "TEST_IMDB": STR,
+    "NET": Choice("tiny", "vgg16", "zf", "resnet50", "resnet101"), "WEIGHTS": STR, "TRAIN_IMDB": STR, "TEST_IMDB": STR,
     "CLASSES": List(NAME, 0, 10000), "DATA_ROOT": STR, "OUTPUT_ROOT": STR,
     **{f"STAGE{k}_ITERS": Int(1, 10 ** 9) for k in range(1, 5)},
     **{f"STAGE{k}_LR": Float(0.0, 100.0, lo_open=True) for k in range(1, 5)},

@@ -1,4 +1,5 @@
-"""Registers the real bodies of the steps (stage1, p1, stage2, stage3, p2, stage4, eval) and the data inputs
+"""Registers the real bodies of the steps (alt_opt: stage1, p1, stage2, stage3, p2, stage4, eval; end2end: e2e,
+eval) and the data inputs
 (data:train, data:test) with the runner.
 
 Importing `stages` imports this module, so `pipeline.py run` finds every body. Bodies are registered by name
@@ -14,7 +15,8 @@ __all__ = ["BODIES", "BODY_VERSION"]
 
 BODIES = {"stage1": "stages.training:stage1", "p1": "stages.proposals:p1",
           "stage2": "stages.training:stage2", "stage3": "stages.training:stage3",
-          "p2": "stages.proposals:p2", "stage4": "stages.training:stage4", "eval": "stages.evaluation:evaluate"}
+          "p2": "stages.proposals:p2", "stage4": "stages.training:stage4", "eval": "stages.evaluation:evaluate",
+          "e2e": "stages.joint:e2e"}
 BODY_VERSION = "2"
 
 for _step_id, _body in BODIES.items():

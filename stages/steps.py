@@ -19,8 +19,11 @@ BODIES = {"stage1": "stages.training:stage1", "p1": "stages.proposals:p1",
           "e2e": "stages.joint:e2e"}
 BODY_VERSION = "2"
 
+# eval 3: it also records the RPN's recall of the test GT by its top 300 proposals.
+VERSIONS = {"eval": "3"}
+
 for _step_id, _body in BODIES.items():
-    register_step(_step_id, _body, version=BODY_VERSION)
+    register_step(_step_id, _body, version=VERSIONS.get(_step_id, BODY_VERSION))
 
 register_data_input("data:train", "stages.data:train_data")
 register_data_input("data:test", "stages.data:test_data")

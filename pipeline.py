@@ -11,6 +11,7 @@ plot-losses.
                             [--pr-plot FILE.png] [--detections FILE.pkl] [--out DIR]
     python pipeline.py demo IMAGE... [--step stage4|stage2] [--out DIR] [--thresh 0.8]
     python pipeline.py plot-losses [STEP...] --out FILE.png [--smooth K]
+    python pipeline.py compare EXP_DIR... [--plot FILE.png] [--json]
 
 Bad input ends with a one-line `error: ...` and exit status 2 (a traceback only with --debug); Ctrl-C or SIGTERM
 ends with 130 after saying how to continue.
@@ -281,6 +282,28 @@ def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smoot
                             [[s, str(r[-1]["iter"]), f"{r[-1]['loss']:.4f}", f"{r[-1]['lr']:g}"]
                              for s, r in logs.items()]))
     click.echo(f"wrote {out_path}")
+
+
+@cli.command("compare")
+@click.argument("exp_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False),
+                metavar="EXP_DIR...")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG with every detector's PR curves (one panel per class).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (one object per detector) instead.")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def compare_command(exp_dirs: tuple[str, ...], plot_path: str | None, as_json: bool, debug: bool) -> None:
+    """Finished experiments (output/<EXP_DIR> folders, alt_opt or end2end) side by side: mode, net, mAP, per-class
+    AP, the RPN's recall of the test GT by its top 300 proposals, wall time per step and in total, training
+    images/s; plus alt_opt's unshared detector (M1 RPN + M2) where `eval --step stage2` has run."""
+    from stages.commands.compare import comparison_json, compare, format_comparison, plot_comparison
+
+    detectors, notes = compare(exp_dirs)
+    click.echo(json.dumps(comparison_json(detectors), indent=1) if as_json else format_comparison(detectors))
+    for note in notes:
+        _note(True, note)
+    if plot_path:
+        plot_comparison(detectors, plot_path)
+        _note(as_json, f"wrote {plot_path}")
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

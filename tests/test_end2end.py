@@ -140,6 +140,7 @@ def test_e2e_losses_normalisation_by_hand():
                               proposal_target_settings=dict(batch_size=128, bg_thresh_lo=0.0,
                                                             bbox_normalize_stds=STDS))
     assert set(losses) == {"rpn_cls", "rpn_bbox", "cls", "bbox"}
+    losses = {k: v.detach() for k, v in losses.items()}
     assert float(losses["rpn_cls"]) == pytest.approx(np.log(2), rel=1e-6)
     assert float(losses["cls"]) == pytest.approx(np.log(NUM_CLASSES), rel=1e-6)
     # the proposals the layer saw: all deltas 0, so decoded anchors (an independent call on the same outputs)

@@ -34,7 +34,7 @@ from stages.engine.errors import Interrupted, is_bad_input, one_line
 from stages.engine.graph import all_step_ids
 from stages.engine.runner import Runner, StepReport, format_metrics
 
-TRAINING_STEPS = ("stage1", "stage2", "stage3", "stage4")
+TRAINING_STEPS = ("stage1", "stage2", "stage3", "stage4", "e2e")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yml"
 STEP = click.Choice(all_step_ids())
@@ -61,7 +61,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Faster R-CNN 4-step alternating training (py-faster-rcnn semantics), resumable step by step.
 
     Steps: stage1 (RPN, M1) -> p1 (proposals) -> stage2 (Fast R-CNN, M2) -> stage3 (RPN, M3) -> p2 -> stage4
-    (Fast R-CNN, M4) -> eval. Outputs go to output/<EXP_DIR>/<step>/.
+    (Fast R-CNN, M4) -> eval; with PIPELINE.MODE end2end (approximate joint training): e2e -> eval. Outputs go to
+    output/<EXP_DIR>/<step>/.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -196,8 +197,9 @@ def _suffixed(path: str, label: str) -> str:
 
 
 @cli.command("eval")
-@click.option("--step", type=click.Choice(["stage4", "stage2"]), default="stage4", show_default=True,
-              help="stage4: the unified model M4; stage2: M1's RPN proposes, M2 detects (the unshared row).")
+@click.option("--step", type=click.Choice(["stage4", "stage2", "e2e"]), default=None,
+              help="stage4: the unified model M4; stage2: M1's RPN proposes, M2 detects (the unshared row); e2e: "
+                   "the end2end model (default: the final model of PIPELINE.MODE, stage4 or e2e).")
 @click.option("--imdb", "imdb_name", default=None, metavar="NAME",
               help="imdb to evaluate on (default: the config's PIPELINE.TEST_IMDB).")
 @click.option("--use-07-metric/--no-use-07-metric", "use_07_metric", default=None,
@@ -220,7 +222,10 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
     from stages.commands.plots import plot_pr_curves
     from stages.commands.reval import evaluate_step, eval_imdb, read_pr, reval
 
+    from stages.commands.reval import default_step
+
     config = build_config(config_path, overrides)
+    step = step or default_step(config)
     imdb = eval_imdb(config, imdb_name, use_07_metric)
     target = Path(out_dir) if out_dir else None
     if detections_file:
@@ -228,7 +233,7 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
         what = f"detections {detections_file}"
     else:
         result = evaluate_step(config, step, imdb, target)
-        what = f"{step} ({'M4' if step == 'stage4' else 'M1 RPN + M2 detector'})"
+        what = f"{step} ({ {'stage4': 'M4', 'stage2': 'M1 RPN + M2 detector', 'e2e': 'joint model'}[step]})"
     metric = metric_description(imdb, result.results, voc_area="area under the PR curve")
     click.echo(f"{what} on {imdb.name}: {imdb.num_images} images, {metric}")
     click.echo(format_results(result.results))
@@ -242,8 +247,9 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--step", type=click.Choice(["stage4", "stage2"]), default="stage4", show_default=True,
-              help="stage4: the unified model; stage2: M1's RPN + M2.")
+@click.option("--step", type=click.Choice(["stage4", "stage2", "e2e"]), default=None,
+              help="stage4: the unified model; stage2: M1's RPN + M2; e2e: the end2end model (default: the final "
+                   "model of PIPELINE.MODE).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default output/<EXP_DIR>/demo/); files are <stem>_det.<png|jpg>.")
 @click.option("--thresh", type=float, default=0.8, show_default=True, help="Score threshold (CONF_THRESH).")
@@ -255,7 +261,10 @@ def demo(ctx: click.Context, images: tuple[str, ...], step: str, out_dir: str | 
     from stages.engine.config import experiment_dir
     from stages.commands.demo import demo as run_demo, format_detections
 
+    from stages.commands.reval import default_step
+
     config = build_config(config_path, overrides)
+    step = step or default_step(config)
     folder = Path(out_dir) if out_dir else experiment_dir(config) / "demo"
     results = run_demo(config, images, folder, step=step, thresh=thresh)
     click.echo(format_detections(results))

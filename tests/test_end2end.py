@@ -367,6 +367,15 @@ def test_compare_reads_what_each_eval_wrote(env, baseline, alt_opt, tmp_path, ca
     assert len(detectors) == 3 and notes == []
 
 
+def test_eval_command_defaults_to_the_end2end_model(env, baseline, tmp_path, capsys):
+    """`eval` on an end2end experiment detects with e2e/model.pt and scores what the eval step scored."""
+    text = cli(capsys, "eval", *env.args(baseline, "--out", str(tmp_path / "ev")))
+    assert text.startswith("e2e (joint model)")
+    ours = json.loads((tmp_path / "ev" / "aps.json").read_text())
+    assert ours["map"] == json.loads((baseline / EXP / "eval" / "aps.json").read_text())["map"]
+    assert (tmp_path / "ev" / "detections.pkl").read_bytes() == (baseline / EXP / "eval" / "detections.pkl").read_bytes()
+
+
 def test_compare_bad_input(tmp_path, capsys):
     code = pipeline.main(["compare", str(tmp_path)])
     assert code == 2 and "not an experiment folder" in capsys.readouterr().err

@@ -35,11 +35,11 @@ from ..evaluation import _check_test_settings, aps_document, detect_image, run_d
 from ..settings import load_stage_model, pixel_means
 from ..proposals import write_pickle
 
-__all__ = ["EVAL_STEPS", "EvalResult", "eval_imdb", "resolve_device", "step_model_path", "default_out_dir",
+__all__ = ["EVAL_STEPS", "default_step", "EvalResult", "eval_imdb", "resolve_device", "step_model_path", "default_out_dir",
            "unshared_detect_image", "step_detector", "run_detector", "evaluate_step", "load_detections", "reval",
            "read_pr"]
 
-EVAL_STEPS = ("stage4", "stage2")
+EVAL_STEPS = ("stage4", "stage2", "e2e")
 DetectFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -110,15 +110,20 @@ def _score(all_boxes: list, imdb: Imdb, out_dir: Path, extra: dict) -> EvalResul
                       out_dir=out_dir, results=results)
 
 
+def default_step(config: Config) -> str:
+    """The final model's step: stage4 (M4) in alt_opt, e2e in end2end."""
+    return "e2e" if config.get("PIPELINE.MODE") == "end2end" else "stage4"
+
+
 def step_detector(config: Config, step: str, classes: tuple[str, ...] | list[str]) -> DetectFn:
     """``detect(im) -> (scores (R, K), boxes (R, 4K))`` of ``step``: stage4 is M4 with its own RPN (the shared
-    model); stage2 is M1's RPN feeding M2's detector (unshared)."""
+    model); stage2 is M1's RPN feeding M2's detector (unshared); e2e is the end2end mode's joint model."""
     if step not in EVAL_STEPS:
         raise PipelineError(f"--step must be one of {', '.join(EVAL_STEPS)}, got {step!r}")
     _check_test_settings(config)
     device = resolve_device(config)
     det_model = load_stage_model(config, step_model_path(config, step), classes, device).eval()
-    if step == "stage4":
+    if step in ("stage4", "e2e"):
         return lambda im: detect_image(det_model, im, config)
     rpn_model = load_stage_model(config, step_model_path(config, "stage1"), classes, device).eval()
     return lambda im: unshared_detect_image(rpn_model, det_model, im, config)

@@ -424,3 +424,16 @@ def test_two_processes_match_one(env, tmp_path):
         assert x["lr"] == y["lr"]
         for key in ("rpn_cls", "rpn_bbox", "cls", "bbox"):
             assert x["losses"][key] == pytest.approx(y["losses"][key], rel=1e-5, abs=1e-7), (x["iter"], key)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_e2e_trains_under_amp_on_the_cpu(env, tmp_path, amp):
+    from stages.engine.trainer import read_log
+    out = tmp_path / amp
+    try:
+        assert pipeline.main(["run", *env.args(out, "--until", "e2e", "--set", "PIPELINE.AMP", amp)]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    records = read_log(out / EXP / "e2e" / "log.jsonl")
+    assert len(records) == 8 and all(np.isfinite(r["loss"]) and r["loss"] < 20 for r in records)
+    assert manifest(out, "e2e")["fingerprint_parts"]["keys"]["PIPELINE.AMP"] == amp

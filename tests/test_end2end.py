@@ -360,6 +360,9 @@ def test_compare_reads_what_each_eval_wrote(env, baseline, alt_opt, tmp_path, ca
     assert rows[0]["train_seconds"] == pytest.approx(sum(m["timings"]["seconds"] for m in exp_manifests), abs=0.01)
     assert rows[0]["recall"] == {k: manifest(alt_opt, "eval")["metrics"][k]
                                  for k in ("recall@0.5_top300", "recall@0.7_top300")}
+    unshared = json.loads(next((alt_opt / EXP).glob("eval_stage2_*/aps.json")).read_text())
+    assert rows[1]["recall"] == unshared["proposal_recall"] and rows[1]["recall"]["recall@0.5_top300"] is not None
+    assert rows[1]["train_seconds"] == pytest.approx(sum(m["timings"]["seconds"] for m in exp_manifests[:3]), abs=0.01)
     e2e = manifest(baseline, "e2e")["metrics"]
     assert rows[2]["images_per_second"] == pytest.approx(8 * e2e["images_per_iter"] / e2e["train_seconds"], rel=1e-3)
     assert rows[2]["step_seconds"]["e2e"] == pytest.approx(manifest(baseline, "e2e")["timings"]["seconds"], abs=1e-3)
@@ -372,7 +375,8 @@ def test_eval_command_defaults_to_the_end2end_model(env, baseline, tmp_path, cap
     text = cli(capsys, "eval", *env.args(baseline, "--out", str(tmp_path / "ev")))
     assert text.startswith("e2e (joint model)")
     ours = json.loads((tmp_path / "ev" / "aps.json").read_text())
-    assert ours["map"] == json.loads((baseline / EXP / "eval" / "aps.json").read_text())["map"]
+    theirs = json.loads((baseline / EXP / "eval" / "aps.json").read_text())
+    assert ours["map"] == theirs["map"] and ours["proposal_recall"] == theirs["proposal_recall"]
     assert (tmp_path / "ev" / "detections.pkl").read_bytes() == (baseline / EXP / "eval" / "detections.pkl").read_bytes()
 
 

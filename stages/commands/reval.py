@@ -31,7 +31,7 @@ from roidb.safe_pickle import safe_load
 from ..engine.artifacts import atomic_write_text
 from ..engine.config import Config, data_root, experiment_dir
 from ..engine.errors import PipelineError
-from ..evaluation import _check_test_settings, aps_document, detect_image, run_detector
+from ..evaluation import _check_test_settings, aps_document, detect_image, run_detector, test_proposal_recall
 from ..settings import load_stage_model, pixel_means
 from ..proposals import write_pickle
 
@@ -136,7 +136,11 @@ def evaluate_step(config: Config, step: str, imdb: Imdb, out_dir: Path | None = 
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config, step, imdb)
     all_boxes = run_detector(detect, imdb, config, label=f"eval {step}")
     write_pickle(out_dir / "detections.pkl", all_boxes)
-    return _score(all_boxes, imdb, out_dir, {"step": step})
+    # the RPN that proposed: M1's for the unshared detector, the step's own otherwise
+    rpn = load_stage_model(config, step_model_path(config, "stage1" if step == "stage2" else step), imdb.classes,
+                           resolve_device(config))
+    recall = test_proposal_recall(rpn, imdb, config)
+    return _score(all_boxes, imdb, out_dir, {"step": step, "proposal_recall": recall})
 
 
 def load_detections(path: str | os.PathLike, imdb: Imdb) -> list[list[np.ndarray]]:

@@ -11,6 +11,7 @@ plot-losses.
                             [--pr-plot FILE.png] [--detections FILE.pkl] [--out DIR]
     python pipeline.py demo IMAGE... [--step stage4|stage2] [--out DIR] [--thresh 0.8]
     python pipeline.py plot-losses [STEP...] --out FILE.png [--smooth K]
+    python pipeline.py compare EXP_DIR... [--plot FILE.png] [--json]
 
 Bad input ends with a one-line `error: ...` and exit status 2 (a traceback only with --debug); Ctrl-C or SIGTERM
 ends with 130 after saying how to continue.
@@ -34,7 +35,7 @@ from stages.engine.errors import Interrupted, is_bad_input, one_line
 from stages.engine.graph import all_step_ids
 from stages.engine.runner import Runner, StepReport, format_metrics
 
-TRAINING_STEPS = ("stage1", "stage2", "stage3", "stage4")
+TRAINING_STEPS = ("stage1", "stage2", "stage3", "stage4", "e2e")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yml"
 STEP = click.Choice(all_step_ids())
@@ -64,7 +65,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Faster R-CNN 4-step alternating training (py-faster-rcnn semantics), resumable step by step.
 
     Steps: stage1 (RPN, M1) -> p1 (proposals) -> stage2 (Fast R-CNN, M2) -> stage3 (RPN, M3) -> p2 -> stage4
-    (Fast R-CNN, M4) -> eval. Outputs go to output/<EXP_DIR>/<step>/.
+    (Fast R-CNN, M4) -> eval; with PIPELINE.MODE end2end (approximate joint training): e2e -> eval. Outputs go to
+    output/<EXP_DIR>/<step>/.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -208,8 +210,9 @@ def _suffixed(path: str, label: str) -> str:
 
 
 @cli.command("eval")
-@click.option("--step", type=click.Choice(["stage4", "stage2"]), default="stage4", show_default=True,
-              help="stage4: the unified model M4; stage2: M1's RPN proposes, M2 detects (the unshared row).")
+@click.option("--step", type=click.Choice(["stage4", "stage2", "e2e"]), default=None,
+              help="stage4: the unified model M4; stage2: M1's RPN proposes, M2 detects (the unshared row); e2e: "
+                   "the end2end model (default: the final model of PIPELINE.MODE, stage4 or e2e).")
 @click.option("--imdb", "imdb_name", default=None, metavar="NAME",
               help="imdb to evaluate on (default: the config's PIPELINE.TEST_IMDB).")
 @click.option("--use-07-metric/--no-use-07-metric", "use_07_metric", default=None,
@@ -230,11 +233,12 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
     COCOeval's AP/AR statistics on COCO-format data."""
     from stages.evaluation import format_results, is_coco, metric_description
     from stages.commands.plots import plot_pr_curves
-    from stages.commands.reval import evaluate_step, eval_imdb, read_pr, reval
+    from stages.commands.reval import default_step, evaluate_step, eval_imdb, read_pr, reval
 
     config = build_config(config_path, overrides)
     _allow_writes_to(pr_plot, detections_file)
     _allow_writes_to(out_dir, folder=True)
+    step = step or default_step(config)
     imdb = eval_imdb(config, imdb_name, use_07_metric)
     target = Path(out_dir) if out_dir else None
     if detections_file:
@@ -242,7 +246,7 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
         what = f"detections {detections_file}"
     else:
         result = evaluate_step(config, step, imdb, target)
-        what = f"{step} ({'M4' if step == 'stage4' else 'M1 RPN + M2 detector'})"
+        what = f"{step} ({ {'stage4': 'M4', 'stage2': 'M1 RPN + M2 detector', 'e2e': 'joint model'}[step]})"
     metric = metric_description(imdb, result.results, voc_area="area under the PR curve")
     click.echo(f"{what} on {imdb.name}: {imdb.num_images} images, {metric}")
     click.echo(format_results(result.results))
@@ -256,8 +260,9 @@ def eval_command(ctx: click.Context, step: str, imdb_name: str | None, use_07_me
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--step", type=click.Choice(["stage4", "stage2"]), default="stage4", show_default=True,
-              help="stage4: the unified model; stage2: M1's RPN + M2.")
+@click.option("--step", type=click.Choice(["stage4", "stage2", "e2e"]), default=None,
+              help="stage4: the unified model; stage2: M1's RPN + M2; e2e: the end2end model (default: the final "
+                   "model of PIPELINE.MODE).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default output/<EXP_DIR>/demo/); files are <stem>_det.<png|jpg>.")
 @click.option("--thresh", type=float, default=0.8, show_default=True, help="Score threshold (CONF_THRESH).")
@@ -268,9 +273,11 @@ def demo(ctx: click.Context, images: tuple[str, ...], step: str, out_dir: str | 
     """Detect objects in plain image files and draw them with class name and score."""
     from stages.engine.config import experiment_dir
     from stages.commands.demo import demo as run_demo, format_detections
+    from stages.commands.reval import default_step
 
     config = build_config(config_path, overrides)
     _allow_writes_to(out_dir, folder=True)
+    step = step or default_step(config)
     folder = Path(out_dir) if out_dir else experiment_dir(config) / "demo"
     results = run_demo(config, images, folder, step=step, thresh=thresh)
     click.echo(format_detections(results))
@@ -299,6 +306,28 @@ def plot_losses(ctx: click.Context, steps: tuple[str, ...], out_path: str, smoot
                             [[s, str(r[-1]["iter"]), f"{r[-1]['loss']:.4f}", f"{r[-1]['lr']:g}"]
                              for s, r in logs.items()]))
     click.echo(f"wrote {out_path}")
+
+
+@cli.command("compare")
+@click.argument("exp_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False),
+                metavar="EXP_DIR...")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="PNG with every detector's PR curves (one panel per class).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (one object per detector) instead.")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+def compare_command(exp_dirs: tuple[str, ...], plot_path: str | None, as_json: bool, debug: bool) -> None:
+    """Finished experiments (output/<EXP_DIR> folders, alt_opt or end2end) side by side: mode, net, mAP, per-class
+    AP, the RPN's recall of the test GT by its top 300 proposals, wall time per step and in total, training
+    images/s; plus alt_opt's unshared detector (M1 RPN + M2) where `eval --step stage2` has run."""
+    from stages.commands.compare import comparison_json, compare, format_comparison, plot_comparison
+
+    detectors, notes = compare(exp_dirs)
+    click.echo(json.dumps(comparison_json(detectors), indent=1) if as_json else format_comparison(detectors))
+    for note in notes:
+        _note(True, note)
+    if plot_path:
+        plot_comparison(detectors, plot_path)
+        _note(as_json, f"wrote {plot_path}")
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

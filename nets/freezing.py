@@ -6,6 +6,7 @@
 | stage2 | frcn | body convs except ``always_frozen`` + fc6, fc7, cls_score, bbox_pred    |
 | stage3 | rpn  | RPN head only                                                          |
 | stage4 | frcn | fc6, fc7, cls_score, bbox_pred                                         |
+| e2e    | both | body convs except ``always_frozen`` + RPN head + fc6..bbox_pred (end2end mode) |
 
 ``always_frozen``: vgg16 conv1_1..conv2_2 (as py-faster-rcnn); zf none (stages 1-2 train every conv); tiny conv1;
 resnet50/101 conv1 and res2 (their body units are conv1, res2, res3, res4; res5 is the box head, "fc6/fc7" above,
@@ -19,7 +20,7 @@ from torch import nn
 __all__ = ["STAGES", "STAGE_KINDS", "set_trainable", "trainable_groups", "param_groups", "reinit_rpn_head",
            "reinit_predictors"]
 
-STAGE_KINDS = {"stage1": "rpn", "stage2": "frcn", "stage3": "rpn", "stage4": "frcn"}
+STAGE_KINDS = {"stage1": "rpn", "stage2": "frcn", "stage3": "rpn", "stage4": "frcn", "e2e": "both"}
 STAGES = tuple(STAGE_KINDS)
 
 
@@ -27,9 +28,10 @@ def trainable_groups(model: nn.Module, stage: str) -> tuple[list[str], bool, boo
     """(trained conv layer names, trains the RPN head, trains the Fast R-CNN head) for ``stage``."""
     if stage not in STAGE_KINDS:
         raise ValueError(f"unknown stage '{stage}' (known: {', '.join(STAGES)})")
-    shared = stage in ("stage1", "stage2")
+    shared = stage in ("stage1", "stage2", "e2e")
     convs = [n for n in model.conv_names if n not in model.always_frozen] if shared else []
-    return convs, STAGE_KINDS[stage] == "rpn", STAGE_KINDS[stage] == "frcn"
+    kind = STAGE_KINDS[stage]
+    return convs, kind in ("rpn", "both"), kind in ("frcn", "both")
 
 
 def set_trainable(model: nn.Module, stage: str) -> list[str]:

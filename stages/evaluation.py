@@ -8,7 +8,11 @@ Outputs in the step folder:
     detections.pkl                      all_boxes[cls][image] float32 (N, 5) [x1, y1, x2, y2, score], protocol 2
     results/comp4_det_<set>_<cls>.txt   VOC results files (1-based coordinates)
     results/<cls>_pr.pkl                recall, precision, AP per class
-    aps.json                            {"aps": {cls: ap}, "map": m, "use_07_metric": bool}
+    aps.json                            {"aps": {cls: ap}, "map": m, "use_07_metric": bool, "proposal_recall": {...}}
+
+It also measures the final model's RPN on the test images at the TEST settings (the RoIs detection scores): the
+recall of the non-difficult GT at IoU 0.5 and 0.7 by the top 300 proposals, metrics ``recall@0.5_top300`` and
+``recall@0.7_top300`` (aps.json's ``proposal_recall``), so alt_opt and end2end models compare on one footing.
 
 Inference runs in float32 (PIPELINE.AMP applies to training). AP uses the VOC07 11-point metric for 2007-style sets (the imdb decides); metrics: mAP and AP_<cls>.
 
@@ -33,16 +37,16 @@ from roidb.imdb import Imdb
 
 from .engine.artifacts import atomic_write_text
 from .engine.config import Config
-from .engine.distributed import SINGLE, DistContext, shard
+from .engine.distributed import SINGLE, DistContext, gather_in_order, shard
 from .engine.errors import ConfigError
 from .engine.lock import raise_if_interrupted
 from .settings import (load_imdb, load_stage_model, postprocess_settings, test_image_settings,
                        test_rpn_settings)
 from .engine.progress import ProgressBar
-from .proposals import read_image, write_pickle
+from .proposals import RECALL_TOP_N, proposal_recall, read_image, write_pickle
 from .engine.runner import StepContext, StepResult
 
-__all__ = ["detect_image", "run_detector", "test_net", "format_ap_table", "format_coco_table", "format_results",
+__all__ = ["detect_image", "run_detector", "test_net", "test_proposal_recall", "format_ap_table", "format_coco_table", "format_results",
            "is_coco", "metric_description", "results_metrics", "aps_document", "evaluate"]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
@@ -114,6 +118,29 @@ def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval",
     return [[dets for part in parts for dets in part[j]] for j in range(imdb.num_classes)]
 
 
+@torch.no_grad()
+def test_proposal_recall(model: FasterRCNN, imdb: Imdb, config: Config, dist: DistContext = SINGLE
+                         ) -> dict[str, float] | None:
+    """{'recall@0.5_top300', 'recall@0.7_top300'}: the fraction of the test imdb's non-difficult GT boxes that one
+    of the model's first 300 RPN proposals (TEST.RPN_* settings, original pixels) overlaps with IoU >= 0.5 / 0.7.
+    Under torchrun each rank proposes for its block of images; rank 0 gets the dict (the others None)."""
+    from roidb.imdb import object_rows
+    model.eval()
+    rpn, image = test_rpn_settings(config), test_image_settings(config)
+    mine = []
+    for i in shard(imdb.num_images, dist):
+        raise_if_interrupted()
+        data, scale = prep_image(read_image(imdb.image_path_at(i)), **image)
+        boxes, _ = model.propose(data.to(model.device), [data.shape[2], data.shape[3], scale], **rpn)
+        mine.append(boxes[:RECALL_TOP_N].float().cpu().numpy() / np.float32(scale))
+    boxes = gather_in_order(mine, dist)
+    if boxes is None:
+        return None
+    gt = [e["boxes"][object_rows(e)] for e in imdb.gt_roidb()]
+    return {f"recall@{iou}_top{RECALL_TOP_N}": round(proposal_recall(boxes, gt, iou, RECALL_TOP_N), 6)
+            for iou in (0.5, 0.7)}
+
+
 def format_ap_table(aps: dict[str, float], mean_ap: float) -> str:
     """Per-class AP and the mean, as aligned 'class  AP' lines."""
     width = max([len(c) for c in aps] + [len("mAP")])
@@ -183,17 +210,21 @@ def evaluate(ctx: StepContext) -> StepResult:
     imdb = load_imdb(ctx.config, "PIPELINE.TEST_IMDB")
     model = load_stage_model(ctx.config, ctx.input_file(ctx.step.upstream[0], "model.pt"), imdb.classes, ctx.device)
     all_boxes = test_net(model, imdb, ctx.config, label=ctx.step.id, dist=ctx.dist)
-    if all_boxes is None:
+    recall = test_proposal_recall(model, imdb, ctx.config, dist=ctx.dist)
+    if all_boxes is None or recall is None:
         return StepResult(outputs=[])
     write_pickle(ctx.step_dir / "detections.pkl", all_boxes)
     imdb.competition_mode(True)
     results = imdb.evaluate_detections(all_boxes, ctx.step_dir / "results")
-    atomic_write_text(ctx.step_dir / "aps.json", json.dumps(aps_document(imdb, results), indent=1) + "\n")
+    atomic_write_text(ctx.step_dir / "aps.json",
+                      json.dumps(aps_document(imdb, results, {"proposal_recall": recall}), indent=1) + "\n")
     ctx.log(f"{imdb.name}: {imdb.num_images} images, {metric_description(imdb, results)}")
+    ctx.log("RPN recall of the top {0} test proposals: {1:.4f} @0.5, {2:.4f} @0.7".format(
+        RECALL_TOP_N, recall[f"recall@0.5_top{RECALL_TOP_N}"], recall[f"recall@0.7_top{RECALL_TOP_N}"]))
     for line in format_results(results).splitlines():
         ctx.log(line)
     outputs = ["detections.pkl", "aps.json"] + sorted(
         str(p.relative_to(ctx.step_dir)) for p in (ctx.step_dir / "results").iterdir() if p.is_file())
-    metrics = {**results_metrics(results), "num_images": imdb.num_images,
+    metrics = {**results_metrics(results), **recall, "num_images": imdb.num_images,
                "num_detections": int(sum(len(d) for c in all_boxes[1:] for d in c))}
     return StepResult(outputs=outputs, metrics=metrics)

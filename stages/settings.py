@@ -23,7 +23,7 @@ from .engine.errors import ConfigError
 __all__ = ["pixel_means", "load_imdb", "build_model", "load_stage_model", "torch_generator",
            "anchor_target_settings", "blob_settings", "frcn_sampling_settings", "filter_settings",
            "bbox_target_settings", "loader_settings", "test_image_settings", "proposal_dump_settings",
-           "test_rpn_settings", "postprocess_settings"]
+           "test_rpn_settings", "postprocess_settings", "train_proposal_settings", "proposal_target_settings"]
 
 
 def pixel_means(config: Config) -> np.ndarray:
@@ -153,3 +153,35 @@ def postprocess_settings(config: Config) -> dict[str, Any]:
     """test_net's filtering (nets.postprocess_detections): PIPELINE.DET_THRESH, TEST.NMS, PIPELINE.MAX_PER_IMAGE."""
     return {"thresh": config.get("PIPELINE.DET_THRESH"), "nms_thresh": config.get("TEST.NMS"),
             "max_per_image": config.get("PIPELINE.MAX_PER_IMAGE")}
+
+
+def train_proposal_settings(config: Config) -> dict[str, Any]:
+    """The proposal layer inside the end2end training net (py-faster-rcnn's cfg.TRAIN.RPN_*: 12000 -> NMS 0.7 ->
+    2000, min size 16): FasterRCNN.e2e_losses' ``proposal_settings``."""
+    t = config.TRAIN
+    return {"pre_nms_top_n": t.RPN_PRE_NMS_TOP_N, "post_nms_top_n": t.RPN_POST_NMS_TOP_N,
+            "nms_thresh": t.RPN_NMS_THRESH, "min_size": t.RPN_MIN_SIZE}
+
+
+def bbox_normalization(config: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(means, stds) (4,) the end2end targets are normalised with: TRAIN.BBOX_NORMALIZE_MEANS/STDS when
+    TRAIN.BBOX_NORMALIZE_TARGETS (always the precomputed ones: py-faster-rcnn asserts PRECOMPUTED with HAS_RPN,
+    as there are no proposals to compute statistics from beforehand), else 0 and 1."""
+    t = config.TRAIN
+    if not t.BBOX_NORMALIZE_TARGETS:
+        return (0.0, 0.0, 0.0, 0.0), (1.0, 1.0, 1.0, 1.0)
+    means, stds = tuple(float(v) for v in t.BBOX_NORMALIZE_MEANS), tuple(float(v) for v in t.BBOX_NORMALIZE_STDS)
+    if len(means) != 4 or len(stds) != 4 or min(stds) <= 0:
+        raise ConfigError(f"config keys TRAIN.BBOX_NORMALIZE_MEANS/STDS need 4 values each (stds > 0), got "
+                          f"{list(means)} and {list(stds)}")
+    return means, stds
+
+
+def proposal_target_settings(config: Config) -> dict[str, Any]:
+    """nets.proposal_target_layer's keywords (end2end): TRAIN.BATCH_SIZE RoIs from one image, FG_FRACTION,
+    FG_THRESH / BG_THRESH_HI / BG_THRESH_LO, the target normalisation and TRAIN.BBOX_INSIDE_WEIGHTS."""
+    t = config.TRAIN
+    means, stds = bbox_normalization(config)
+    return {"batch_size": t.BATCH_SIZE, "ims_per_batch": 1, "fg_fraction": t.FG_FRACTION, "fg_thresh": t.FG_THRESH,
+            "bg_thresh_hi": t.BG_THRESH_HI, "bg_thresh_lo": t.BG_THRESH_LO, "bbox_normalize_means": means,
+            "bbox_normalize_stds": stds, "bbox_inside_weights": tuple(t.BBOX_INSIDE_WEIGHTS)}

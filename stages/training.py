@@ -165,6 +165,8 @@ def _train(ctx: StepContext, model: FasterRCNN, loss_fn: LossFn, loader: RoIData
     finally:
         loader.close()
     metrics = _train_metrics(ctx.step_dir, result.seconds) if ctx.dist.is_main else {}
+    if metrics:
+        metrics["images_per_iter"] = loader.ims_per_batch * loader.iter_size * loader.world_size
     return StepResult(outputs=["model.pt"], metrics=metrics)
 
 

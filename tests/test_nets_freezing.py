@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from roidb.minibatch import sample_rois
 from nets import FasterRCNN, STAGES, param_groups, reinit_predictors, reinit_rpn_head, set_trainable
 
 
@@ -35,6 +36,7 @@ EXPECTED_TINY = {
     "stage2": {"conv2", "conv3", "conv4", "fc6", "fc7", "cls_score", "bbox_pred"},
     "stage3": {"rpn"},
     "stage4": {"fc6", "fc7", "cls_score", "bbox_pred"},
+    "e2e": {"conv2", "conv3", "conv4", "rpn", "fc6", "fc7", "cls_score", "bbox_pred"},
 }
 
 
@@ -54,8 +56,14 @@ def test_one_step_moves_trained_and_keeps_frozen(stage):
     assert n_opt == len(trained)
     rpn, frcn = _blobs()
     for _ in range(2):   # two steps so momentum is exercised
-        losses = model.rpn_losses(rpn, generator=torch.Generator().manual_seed(0)) if stage in ("stage1", "stage3") \
-            else model.frcn_losses(frcn)
+        if stage == "e2e":
+            losses = model.e2e_losses(rpn, generator=torch.Generator().manual_seed(0), rng=np.random.default_rng(0),
+                                      sampler=sample_rois, proposal_settings=dict(
+                                          pre_nms_top_n=12000, post_nms_top_n=2000, nms_thresh=0.7, min_size=16))
+        elif stage in ("stage1", "stage3"):
+            losses = model.rpn_losses(rpn, generator=torch.Generator().manual_seed(0))
+        else:
+            losses = model.frcn_losses(frcn)
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
@@ -125,3 +133,16 @@ def test_reinit_helpers_touch_only_their_heads():
                 assert abs(p.std().item() - std) < 0.2 * std, n
         else:
             assert torch.equal(p, before[n] + 1.0), n
+
+
+def test_vgg16_end2end_freezes_conv1_and_conv2_only():
+    """py-faster-rcnn's VGG16 end2end train.prototxt: conv1_1..conv2_2 lr_mult 0; every other conv, the RPN head
+    and fc6..bbox_pred train, with the detector head's dropout on."""
+    model = _model("vgg16", 21)
+    trained = set_trainable(model, "e2e")
+    convs = sorted({n.split(".")[1] for n in trained if n.startswith("body.")})
+    assert convs == sorted(f"conv{i}_{j}" for i, n in ((3, 3), (4, 3), (5, 3)) for j in range(1, n + 1))
+    assert any(n.startswith("rpn.") for n in trained)
+    assert {n.split(".")[-2] for n in trained if n.startswith("roi_head.")} == {"fc6", "fc7", "cls_score",
+                                                                                 "bbox_pred"}
+    assert model.roi_head.box_head.drop6.training

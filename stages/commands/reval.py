@@ -31,15 +31,15 @@ from roidb.safe_pickle import safe_load
 from ..engine.artifacts import atomic_write_text
 from ..engine.config import Config, data_root, experiment_dir
 from ..engine.errors import PipelineError
-from ..evaluation import _check_test_settings, aps_document, detect_image, run_detector
+from ..evaluation import _check_test_settings, aps_document, detect_image, run_detector, test_proposal_recall
 from ..settings import load_stage_model, pixel_means
 from ..proposals import write_pickle
 
-__all__ = ["EVAL_STEPS", "EvalResult", "eval_imdb", "resolve_device", "step_model_path", "default_out_dir",
+__all__ = ["EVAL_STEPS", "default_step", "EvalResult", "eval_imdb", "resolve_device", "step_model_path", "default_out_dir",
            "unshared_detect_image", "step_detector", "run_detector", "evaluate_step", "load_detections", "reval",
            "read_pr"]
 
-EVAL_STEPS = ("stage4", "stage2")
+EVAL_STEPS = ("stage4", "stage2", "e2e")
 DetectFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -110,15 +110,20 @@ def _score(all_boxes: list, imdb: Imdb, out_dir: Path, extra: dict) -> EvalResul
                       out_dir=out_dir, results=results)
 
 
+def default_step(config: Config) -> str:
+    """The final model's step: stage4 (M4) in alt_opt, e2e in end2end."""
+    return "e2e" if config.get("PIPELINE.MODE") == "end2end" else "stage4"
+
+
 def step_detector(config: Config, step: str, classes: tuple[str, ...] | list[str]) -> DetectFn:
     """``detect(im) -> (scores (R, K), boxes (R, 4K))`` of ``step``: stage4 is M4 with its own RPN (the shared
-    model); stage2 is M1's RPN feeding M2's detector (unshared)."""
+    model); stage2 is M1's RPN feeding M2's detector (unshared); e2e is the end2end mode's joint model."""
     if step not in EVAL_STEPS:
         raise PipelineError(f"--step must be one of {', '.join(EVAL_STEPS)}, got {step!r}")
     _check_test_settings(config)
     device = resolve_device(config)
     det_model = load_stage_model(config, step_model_path(config, step), classes, device).eval()
-    if step == "stage4":
+    if step in ("stage4", "e2e"):
         return lambda im: detect_image(det_model, im, config)
     rpn_model = load_stage_model(config, step_model_path(config, "stage1"), classes, device).eval()
     return lambda im: unshared_detect_image(rpn_model, det_model, im, config)
@@ -131,7 +136,11 @@ def evaluate_step(config: Config, step: str, imdb: Imdb, out_dir: Path | None = 
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config, step, imdb)
     all_boxes = run_detector(detect, imdb, config, label=f"eval {step}")
     write_pickle(out_dir / "detections.pkl", all_boxes)
-    return _score(all_boxes, imdb, out_dir, {"step": step})
+    # the RPN that proposed: M1's for the unshared detector, the step's own otherwise
+    rpn = load_stage_model(config, step_model_path(config, "stage1" if step == "stage2" else step), imdb.classes,
+                           resolve_device(config))
+    recall = test_proposal_recall(rpn, imdb, config)
+    return _score(all_boxes, imdb, out_dir, {"step": step, "proposal_recall": recall})
 
 
 def load_detections(path: str | os.PathLike, imdb: Imdb) -> list[list[np.ndarray]]:

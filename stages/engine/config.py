@@ -62,6 +62,8 @@ _PIPELINE_DEFAULTS: dict[str, Any] = {
     "ANCHOR_SCALES": [8, 16, 32], "ANCHOR_RATIOS": [0.5, 1.0, 2.0],
     "MAX_PER_IMAGE": 100, "DET_THRESH": 0.05, "LOG_EVERY": 1,
     "MODE": "alt_opt", "RUN_CACHE_VERSIONS": 2,
+    # end2end (approximate joint training): py-faster-rcnn's VGG16 VOC07 solver (70k iterations, step at 50k).
+    "E2E_ITERS": 70000, "E2E_LR": 0.001, "E2E_STEPSIZE": 50000, "E2E_SNAPSHOT_ITERS": 0,
 }
 
 def default_dict() -> dict[str, Any]:
@@ -276,13 +278,23 @@ def load_config(path: str | os.PathLike[str] | None = None,
                 overrides: Sequence[tuple[str, str]] = ()) -> Config:
     """Defaults, then the YAML file at `path` (if any), then the `--set` pairs `overrides`, in that order."""
     config = Config(default_dict())
+    data = read_yaml(path) if path is not None else {}
     if path is not None:
-        merge_into(config, read_yaml(path), source=str(path))
+        merge_into(config, data, source=str(path))
     for key, raw in overrides:
         set_value(config, key, raw)
+    explicit_mode = isinstance(data.get("PIPELINE"), dict) and "MODE" in data["PIPELINE"]
+    if not explicit_mode and not any(key == "PIPELINE.MODE" for key, _ in overrides):
+        config["PIPELINE"]["MODE"] = implied_mode(config)
     if config.get("PIPELINE.AMP") == "auto":
         config["PIPELINE"]["AMP"] = "bf16" if native_bf16(config.get("PIPELINE.DEVICE")) else "off"
     return config
+
+
+def implied_mode(config: Config) -> str:
+    """PIPELINE.MODE when neither the YAML file nor a --set names it: 'end2end' when TRAIN.HAS_RPN is True (only
+    py-faster-rcnn's faster_rcnn_end2end.yml sets it: alt-opt's stages override HAS_RPN per stage), else 'alt_opt'."""
+    return "end2end" if dict.__getitem__(config["TRAIN"], "HAS_RPN") else "alt_opt"
 
 
 def native_bf16(device: str) -> bool:
@@ -338,12 +350,17 @@ class SolverSettings:
     amp: str = "off"
 
 
-def solver_settings(config: Config, stage: int) -> SolverSettings:
-    """The solver of training stage 1-4 (stage1, stage2, stage3, stage4); snapshot 0 means TRAIN.SNAPSHOT_ITERS."""
-    if stage not in (1, 2, 3, 4):
-        raise ConfigError(f"training stage must be 1, 2, 3 or 4, got {stage!r}")
+def solver_settings(config: Config, stage: int | str) -> SolverSettings:
+    """The solver of training stage 1-4 (alt_opt's stage1..stage4: PIPELINE.STAGEk_*) or "E2E" (end2end's e2e step:
+    PIPELINE.E2E_*); snapshot 0 means TRAIN.SNAPSHOT_ITERS."""
+    if stage in (1, 2, 3, 4):
+        prefix = f"STAGE{stage}"
+    elif stage == "E2E":
+        prefix = "E2E"
+    else:
+        raise ConfigError(f"training stage must be 1, 2, 3, 4 or 'E2E', got {stage!r}")
     p = config.PIPELINE
-    snapshot = p[f"STAGE{stage}_SNAPSHOT_ITERS"] or config.TRAIN.SNAPSHOT_ITERS
-    return SolverSettings(iters=p[f"STAGE{stage}_ITERS"], lr=p[f"STAGE{stage}_LR"],
-                          stepsize=p[f"STAGE{stage}_STEPSIZE"], gamma=p.GAMMA, momentum=p.MOMENTUM,
+    snapshot = p[f"{prefix}_SNAPSHOT_ITERS"] or config.TRAIN.SNAPSHOT_ITERS
+    return SolverSettings(iters=p[f"{prefix}_ITERS"], lr=p[f"{prefix}_LR"],
+                          stepsize=p[f"{prefix}_STEPSIZE"], gamma=p.GAMMA, momentum=p.MOMENTUM,
                           weight_decay=p.WEIGHT_DECAY, snapshot_iters=snapshot, iter_size=p.ITER_SIZE, amp=p.AMP)

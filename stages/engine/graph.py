@@ -2,6 +2,7 @@
 --until/--from/--only/--force selection.
 
     alt_opt: stage1 (M1) -> p1 (P1) -> stage2 (M2, from M0) -> stage3 (M3) -> p2 (P2) -> stage4 (M4) -> eval
+    end2end: e2e (approximate joint training from M0: RPN + Fast R-CNN losses in one net) -> eval
 
 A step's inputs are upstream step ids and external inputs: M0 (the initial weights, PIPELINE.WEIGHTS) and the
 content of the training or test imdb (`data:train`, `data:test`: image-set ids, annotations, images, class list
@@ -51,6 +52,7 @@ NON_RESULT_KEYS: dict[str, str] = {
     "DATA_DIR": "the default data root; stood for by the data inputs",
     **{f"PIPELINE.STAGE{k}_SNAPSHOT_ITERS": "a resumed run is bit-identical whatever the interval"
        for k in range(1, 5)},
+    "PIPELINE.E2E_SNAPSHOT_ITERS": "a resumed run is bit-identical whatever the interval",
 }
 
 _MODEL = ("PIPELINE.NET", "PIPELINE.CLASSES", "PIPELINE.ANCHOR_SCALES", "PIPELINE.ANCHOR_RATIOS", "PIPELINE.AMP",
@@ -71,6 +73,15 @@ _EVAL = ("TEST.SCALES", "TEST.MAX_SIZE", "PIXEL_MEANS", "TEST.NMS", "TEST.BBOX_R
          "TEST.RPN_MIN_SIZE", "PIPELINE.MAX_PER_IMAGE", "PIPELINE.DET_THRESH")
 
 
+# end2end's e2e step: the proposal layer in the training net (TRAIN.RPN_*), the proposal-target layer (TRAIN RoI
+# sampling, targets normalised with the fixed TRAIN.BBOX_NORMALIZE_MEANS/STDS), its own solver PIPELINE.E2E_*.
+_E2E_TRAIN = ("TRAIN.RPN_PRE_NMS_TOP_N", "TRAIN.RPN_POST_NMS_TOP_N", "TRAIN.RPN_NMS_THRESH", "TRAIN.RPN_MIN_SIZE",
+              "TRAIN.BATCH_SIZE", "TRAIN.FG_FRACTION", "TRAIN.FG_THRESH", "TRAIN.BG_THRESH_HI", "TRAIN.BG_THRESH_LO",
+              "TRAIN.BBOX_NORMALIZE_TARGETS", "TRAIN.BBOX_NORMALIZE_MEANS", "TRAIN.BBOX_NORMALIZE_STDS",
+              "TRAIN.BBOX_INSIDE_WEIGHTS")
+_E2E_SOLVER = ("PIPELINE.E2E_ITERS", "PIPELINE.E2E_LR", "PIPELINE.E2E_STEPSIZE")
+
+
 def _stage_solver(k: int) -> tuple[str, ...]:
     return (f"PIPELINE.STAGE{k}_ITERS", f"PIPELINE.STAGE{k}_LR", f"PIPELINE.STAGE{k}_STEPSIZE") + _SOLVER
 
@@ -79,11 +90,13 @@ def _stage_solver(k: int) -> tuple[str, ...]:
 class Step:
     """One step: `inputs` are upstream step ids and external inputs (M0, data:train, data:test), `reads` the
     config keys it depends on (a full dotted key, a section name, or a prefix ending in '*'), `stage` the training
-    stage whose PIPELINE.STAGEk_* solver it uses (0: none)."""
+    stage whose PIPELINE.STAGEk_* solver it uses (0: none; "E2E": PIPELINE.E2E_*), `version` the version of this
+    declaration (bump it when the inputs' meaning changes; a change to what the body computes bumps the body's
+    version in stages/steps.py instead)."""
     id: str
     inputs: tuple[str, ...]
     reads: tuple[str, ...]
-    stage: int = 0
+    stage: int | str = 0
     version: str = "1"
 
     @property
@@ -172,15 +185,21 @@ class Graph:
 
 ALT_OPT = Graph("alt_opt", (
     Step("stage1", (M0, TRAIN_DATA), _MODEL + _TRAIN_DATA + _RPN_TRAIN + _stage_solver(1), stage=1),
-    Step("p1", ("stage1", TRAIN_DATA), _MODEL + _PROPOSALS, version="2"),   # 2: NMS ties, py2-loadable pickles
+    Step("p1", ("stage1", TRAIN_DATA), _MODEL + _PROPOSALS),
     Step("stage2", ("p1", M0, TRAIN_DATA), _MODEL + _TRAIN_DATA + _FRCN_TRAIN + _stage_solver(2), stage=2),
     Step("stage3", ("stage2", TRAIN_DATA), _MODEL + _TRAIN_DATA + _RPN_TRAIN + _stage_solver(3), stage=3),
-    Step("p2", ("stage3", TRAIN_DATA), _MODEL + _PROPOSALS, version="2"),
+    Step("p2", ("stage3", TRAIN_DATA), _MODEL + _PROPOSALS),
     Step("stage4", ("stage3", "p2", TRAIN_DATA), _MODEL + _TRAIN_DATA + _FRCN_TRAIN + _stage_solver(4), stage=4),
-    Step("eval", ("stage4", TEST_DATA), _MODEL + _EVAL, version="2"),
+    Step("eval", ("stage4", TEST_DATA), _MODEL + _EVAL),
 ))
 
-GRAPHS: dict[str, Graph] = {ALT_OPT.mode: ALT_OPT}
+END2END = Graph("end2end", (
+    Step("e2e", (M0, TRAIN_DATA), _MODEL + _TRAIN_DATA + _RPN_TRAIN + _E2E_TRAIN + _E2E_SOLVER + _SOLVER,
+         stage="E2E"),
+    Step("eval", ("e2e", TEST_DATA), _MODEL + _EVAL),
+))
+
+GRAPHS: dict[str, Graph] = {ALT_OPT.mode: ALT_OPT, END2END.mode: END2END}
 
 
 def graph_for(config: Config) -> Graph:

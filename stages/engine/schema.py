@@ -123,12 +123,14 @@ _PIPELINE = {
     **{f"STAGE{k}_LR": Float(0.0, 100.0, lo_open=True) for k in range(1, 5)},
     **{f"STAGE{k}_STEPSIZE": Int(1) for k in range(1, 5)},
     **{f"STAGE{k}_SNAPSHOT_ITERS": Int(0) for k in range(1, 5)},
+    "E2E_ITERS": Int(1, 10 ** 9), "E2E_LR": Float(0.0, 100.0, lo_open=True), "E2E_STEPSIZE": Int(1),
+    "E2E_SNAPSHOT_ITERS": Int(0),
     "GAMMA": Float(0.0, 1e6, lo_open=True), "MOMENTUM": Float(0.0, 1.0, hi_open=True), "WEIGHT_DECAY": Float(0.0, 1.0),
     "ITER_SIZE": Int(1, 1 << 16), "DEVICE": Choice("auto", "cpu", "cuda"), "WORKERS": Int(0, 256),
     "ISOLATE_STEPS": BOOL, "AMP": Choice("off", "fp16", "bf16", "auto"), "DETERMINISTIC": BOOL,
     "ANCHOR_SCALES": List(Int(1, 4096), 1, 64),
     "ANCHOR_RATIOS": List(Float(0.0, 1e4, lo_open=True), 1, 64),
-    "MAX_PER_IMAGE": Int(0, 1 << 20), "DET_THRESH": UNIT, "LOG_EVERY": Int(1), "MODE": Choice("alt_opt"),
+    "MAX_PER_IMAGE": Int(0, 1 << 20), "DET_THRESH": UNIT, "LOG_EVERY": Int(1), "MODE": Choice("alt_opt", "end2end"),
     "RUN_CACHE_VERSIONS": Int(0, 1000),
 }
 SCHEMA: dict[str, Spec] = {

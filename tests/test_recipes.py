@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,7 @@ def test_recipe_runs_end_to_end_at_toy_size(recipe, data_root, tmp_path):
         code = pipeline.main(["run", "--config", str(recipe_path), *[x for k, v in overrides for x in ("--set", k, v)]])
     printed = buffer.getvalue()
     assert code == 0, printed
-    print(printed[printed.index("step    action"):])
+    print(printed[re.search(r"^step +action", printed, re.M).start():])
     config = load_config(recipe_path, overrides)
     exp = tmp_path / "out" / exp_name
     steps = graph_for(config).order

@@ -189,8 +189,11 @@ def test_amp_training_steps_run_on_the_cpu(env, tmp_path, amp):
     """PIPELINE.AMP trains under torch.autocast (CPU autocast supports both here); the RoI kernels compute in
     float32 at their boundary."""
     out = tmp_path / amp
+    # Small images: CPU convolutions under fp16 autocast have no fast kernels (about 5 s an iteration at scale 160).
+    small = ("--set", "TRAIN.SCALES", "[80]", "--set", "TRAIN.MAX_SIZE", "128",
+             "--set", "TEST.SCALES", "[80]", "--set", "TEST.MAX_SIZE", "128")
     assert run_single(env, out, "--until", "stage2", "--set", "PIPELINE.AMP", amp,
-                      "--set", "PIPELINE.STAGE2_ITERS", "9") == 0
+                      "--set", "PIPELINE.STAGE2_ITERS", "9", *small) == 0
     for step in ("stage1", "stage2"):
         records = read_log(out / EXP / step / "log.jsonl")
         assert len(records) in (8, 9) and all(r["loss"] < 10 for r in records), step

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
 from kernels import build, reference  # noqa: E402
+from kernels.reference import py_cpu_nms  # noqa: E402
 
 try:
     import torchvision.ops as tv_ops
@@ -72,27 +73,6 @@ def random_rois(r: int, seed: int) -> torch.Tensor:
     x1 = torch.rand(r, generator=g) * (IMAGE_W - wh[:, 0])
     y1 = torch.rand(r, generator=g) * (IMAGE_H - wh[:, 1])
     return torch.stack((torch.zeros(r), x1, y1, x1 + wh[:, 0] - 1, y1 + wh[:, 1] - 1), 1).contiguous()
-
-
-def py_cpu_nms(dets: np.ndarray, thresh: float) -> list[int]:
-    """py-faster-rcnn's NumPy greedy loop (py_cpu_nms.py), dets [N, 5] with the score last."""
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep = []
-    while order.size > 0:
-        i = order[0]
-        keep.append(int(i))
-        xx1 = np.maximum(x1[i], x1[order[1:]])
-        yy1 = np.maximum(y1[i], y1[order[1:]])
-        xx2 = np.minimum(x2[i], x2[order[1:]])
-        yy2 = np.minimum(y2[i], y2[order[1:]])
-        w = np.maximum(0.0, xx2 - xx1 + 1)
-        h = np.maximum(0.0, yy2 - yy1 + 1)
-        inter = w * h
-        ovr = inter / (areas[i] + areas[order[1:]] - inter)
-        order = order[np.where(ovr <= thresh)[0] + 1]
-    return keep
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

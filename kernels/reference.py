@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
-__all__ = ["nms", "batched_nms", "argsort_desc", "roi_pool", "roi_align", "caffe_round"]
+__all__ = ["nms", "batched_nms", "argsort_desc", "roi_pool", "roi_align", "caffe_round", "py_cpu_nms"]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -172,3 +174,27 @@ def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int
     if not out:
         return features.new_zeros((0, C, ph_n, pw_n))
     return torch.stack(out)
+
+
+def py_cpu_nms(dets: np.ndarray, thresh: float, sort_kind: str = "quicksort") -> list[int]:
+    """py-faster-rcnn's NumPy greedy loop (lib/nms/py_cpu_nms.py), as an independent reference and a timing
+    baseline. dets: [N, 5] (x1, y1, x2, y2, score), inclusive +1 pixel boxes; returns kept indices, best first.
+    ``sort_kind="stable"`` gives the tie order of the NumPy 1.x of its day (insertion sort up to 16 items); NumPy
+    >= 1.25 on AVX-512 sorts float32 with an unstable SIMD sort."""
+    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort(kind=sort_kind)[::-1]
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(int(i))
+        xx1 = np.maximum(x1[i], x1[order[1:]])
+        yy1 = np.maximum(y1[i], y1[order[1:]])
+        xx2 = np.minimum(x2[i], x2[order[1:]])
+        yy2 = np.minimum(y2[i], y2[order[1:]])
+        w = np.maximum(0.0, xx2 - xx1 + 1)
+        h = np.maximum(0.0, yy2 - yy1 + 1)
+        inter = w * h
+        ovr = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[np.where(ovr <= thresh)[0] + 1]
+    return keep

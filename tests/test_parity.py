@@ -18,6 +18,7 @@ import torch
 
 import kernels
 from kernels import reference
+from kernels.reference import py_cpu_nms
 from stages.engine.config import load_config
 from stages.engine.errors import ConfigError
 from stages.proposals import py2_compatible_pickle, write_pickle
@@ -67,26 +68,8 @@ def test_pickles_load_with_only_numpy_core_names(tmp_path):
 
 
 def py_faster_rcnn_py_cpu_nms(dets: np.ndarray, thresh: float) -> list[int]:
-    """lib/nms/py_cpu_nms.py, verbatim but for ``kind="stable"``: the NumPy 1.x of py-faster-rcnn's day sorted
-    up to 16 items by insertion sort (stable); NumPy >= 1.25 on AVX-512 dispatches to an unstable SIMD sort."""
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort(kind="stable")[::-1]
-    keep = []
-    while order.size > 0:
-        i = order[0]
-        keep.append(int(i))
-        xx1 = np.maximum(x1[i], x1[order[1:]])
-        yy1 = np.maximum(y1[i], y1[order[1:]])
-        xx2 = np.minimum(x2[i], x2[order[1:]])
-        yy2 = np.minimum(y2[i], y2[order[1:]])
-        w = np.maximum(0.0, xx2 - xx1 + 1)
-        h = np.maximum(0.0, yy2 - yy1 + 1)
-        inter = w * h
-        ovr = inter / (areas[i] + areas[order[1:]] - inter)
-        inds = np.where(ovr <= thresh)[0]
-        order = order[inds + 1]
-    return keep
+    """lib/nms/py_cpu_nms.py with the stable sort of the NumPy 1.x of py-faster-rcnn's day."""
+    return py_cpu_nms(dets, thresh, sort_kind="stable")
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

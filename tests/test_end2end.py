@@ -26,6 +26,7 @@ from roidb.minibatch import sample_rois
 from roidb.synthetic import ensure_shapes_dataset
 from stages.engine.config import ConfigError, load_config, solver_settings
 from stages.engine.graph import GRAPHS, graph_for
+from tests.test_distributed import run_single, torchrun
 from tests.test_nets_overfit import NUM_CLASSES, _blob, synthetic_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -398,41 +399,23 @@ def test_compare_bad_input(tmp_path, capsys):
 
 # ---- under torchrun ----------------------------------------------------------------------------------------------
 
-def _torchrun(env: Env, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    child_env = {k: v for k, v in os.environ.items() if k != "FRCNN_FAULT"}
-    child_env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "pipeline.py", "run", *env.args(out), *extra]
-    return subprocess.run(command, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600)
-
-
-def _single(env: Env, out: Path, *extra: str) -> int:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return pipeline.main(["run", *env.args(out), *extra])
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(False)
-
-
 def test_two_processes_match_one(env, tmp_path):
     """2 CPU ranks: the eval's sharded detections are byte-identical to one process's from the same model, and
     the e2e loss trajectory equals one process with ITER_SIZE 2 (the same global batch, the same anchor and RoI
     samples: each batch's seeds depend only on its number)."""
     from stages.engine.trainer import read_log
     ddp = tmp_path / "ddp"
-    proc = _torchrun(env, ddp)
+    proc = torchrun(env, ddp, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert manifest(ddp, "e2e")["world_size"] == 2 and manifest(ddp, "eval")["status"] == "done"
     assert "2 images per iteration (2 process(es) x ITER_SIZE 1 x 1)" in proc.stdout
     single = tmp_path / "single"
     shutil.copytree(ddp, single)
-    assert _single(env, single, "--only", "eval", "--force", "eval") == 0
+    assert run_single(env, single, "--only", "eval", "--force", "eval") == 0
     for name in ("detections.pkl", "aps.json"):
         assert (single / EXP / "eval" / name).read_bytes() == (ddp / EXP / "eval" / name).read_bytes(), name
     accumulated = tmp_path / "accumulated"
-    assert _single(env, accumulated, "--until", "e2e", "--set", "PIPELINE.ITER_SIZE", "2") == 0
+    assert run_single(env, accumulated, "--until", "e2e", "--set", "PIPELINE.ITER_SIZE", "2") == 0
     a, b = read_log(ddp / EXP / "e2e" / "log.jsonl"), read_log(accumulated / EXP / "e2e" / "log.jsonl")
     assert len(a) == len(b) == 8
     for x, y in zip(a, b):

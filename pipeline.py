@@ -116,6 +116,27 @@ def status(ctx: click.Context, config_path: str | None, overrides: tuple[tuple[s
 
 
 @cli.command()
+@config_options
+@click.pass_context
+def pretrain(ctx: click.Context, config_path: str | None, overrides: tuple[tuple[str, str], ...], debug: bool) -> None:
+    """Build (or find) the pretrained M0 that PIPELINE.WEIGHTS names as 'pretrain:<recipe>' (the default config's
+    tiny_shapes: the tiny body taught to classify shape crops of scenes of another seed) and print where it is.
+    `run` builds it on first use too; it is kept under <DATA_ROOT>/pretrained/ and built once per machine."""
+    from stages.pretrain import build, recipe_of
+
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    config = build_config(config_path, overrides)
+    if recipe_of(config) is None:
+        raise click.UsageError(f"PIPELINE.WEIGHTS is {config.get('PIPELINE.WEIGHTS')!r}, not a 'pretrain:<recipe>' "
+                               f"M0 (e.g. --set PIPELINE.WEIGHTS pretrain:tiny_shapes)")
+    path, manifest = build(config, echo=click.echo)
+    accuracy = manifest["held_out_accuracy"]
+    click.echo(f"{config.get('PIPELINE.WEIGHTS')}: {path}")
+    click.echo(f"sha256 {manifest['sha256']}, built in {manifest['seconds']}s, held-out crop accuracy "
+               f"{accuracy['all']:.3f} (objects {accuracy['objects']:.3f}, background {accuracy['background']:.3f})")
+
+
+@cli.command()
 @click.argument("step", type=STEP, required=False)
 @click.option("--cache", "cache_only", is_flag=True,
               help="Empty the run cache (of STEP only, when given) instead of removing STEP's folder.")

@@ -53,7 +53,8 @@ class Backbone(nn.Module):
     """A conv body (image -> stride-16 features) and a box head (pooled RoI features -> fc7).
 
     Attributes:
-        name: 'vgg16', 'zf' or 'tiny'.
+        name: 'vgg16', 'zf', 'tiny' or 'tiny_s8'.
+        feat_stride: image pixels per feature cell (16; tiny_s8: 8).
         body: ``nn.Sequential`` of named layers; ``forward`` runs it.
         box_head: ``nn.Sequential`` flatten, fc6, relu6, [drop6], fc7, relu7, [drop7] on (R, C, P, P) input.
         out_channels: C of the feature map; rpn_channels: width of the RPN's 3x3 conv.
@@ -66,9 +67,10 @@ class Backbone(nn.Module):
     pooling = "roi_pool"
 
     def __init__(self, name: str, body: "OrderedDict[str, nn.Module]", out_channels: int, rpn_channels: int,
-                 pool_size: int, fc_dim: int, dropout: bool, always_frozen: Sequence[str] = ()):
+                 pool_size: int, fc_dim: int, dropout: bool, always_frozen: Sequence[str] = (), feat_stride: int = 16):
         super().__init__()
         self.name = name
+        self.feat_stride = feat_stride
         self.body = nn.Sequential(body)
         self.out_channels, self.rpn_channels = out_channels, rpn_channels
         self.pool_size, self.fc_dim = pool_size, fc_dim
@@ -167,25 +169,34 @@ def zf() -> Backbone:
     return Backbone("zf", body, 256, rpn_channels=256, pool_size=6, fc_dim=4096, dropout=True)
 
 
-def tiny() -> Backbone:
+def tiny(feat_stride: int = 16) -> Backbone:
     """A small VGG-style body for CPU work: conv1 3x3/2 (32), then 3x3 convs 64/128/256 each followed by a 2x2
     ceil-mode pool (stride 16, features ceil(H/16) x ceil(W/16) as with four pools).
 
     conv1 strides by 2 instead of running at full resolution and pooling: on the CPU a full-resolution conv on 3
     channels plus its pool cost more than the three other convs together. Box head: RoI pool 7x7, fc6/fc7 of 512
     without dropout (it trains from scratch in a few hundred steps; fc 256 gave a lower demo mAP); RPN conv 256.
-    conv1 is always frozen, like VGG16's conv1/conv2: a random 3x3 filter bank on raw pixels keeps the image
-    content, and no gradient is computed at high resolution.
+    conv1 is always frozen, like VGG16's conv1/conv2: a random (or pretrained, see stages/pretrain.py) 3x3 filter
+    bank on raw pixels keeps the image content, and no gradient is computed at high resolution.
+
+    ``feat_stride=8`` (the net ``tiny_s8``) leaves out the last pool: the same layers and weights, features
+    ceil(H/8) x ceil(W/8), so a 24-pixel object covers 3 x 3 cells instead of 1.5 x 1.5; its RPN conv is 128 wide,
+    which keeps the RPN's cost at 4x the positions about that of the stride-16 net.
     """
+    if feat_stride not in (8, 16):
+        raise ValueError(f"tiny: feat_stride must be 8 or 16, got {feat_stride}")
     body: "OrderedDict[str, nn.Module]" = OrderedDict()
     body["conv1"], body["relu1"] = _conv(3, 32, stride=2), nn.ReLU(inplace=True)
     for b, cin, cout in ((2, 32, 64), (3, 64, 128), (4, 128, 256)):
-        body[f"conv{b}"], body[f"relu{b}"], body[f"pool{b}"] = _conv(cin, cout), nn.ReLU(inplace=True), _pool()
-    return Backbone("tiny", body, 256, rpn_channels=256, pool_size=7, fc_dim=512, dropout=False,
-                    always_frozen=("conv1",))
+        body[f"conv{b}"], body[f"relu{b}"] = _conv(cin, cout), nn.ReLU(inplace=True)
+        if b < 4 or feat_stride == 16:
+            body[f"pool{b}"] = _pool()
+    return Backbone("tiny" if feat_stride == 16 else "tiny_s8", body, 256,
+                    rpn_channels=256 if feat_stride == 16 else 128, pool_size=7, fc_dim=512, dropout=False,
+                    always_frozen=("conv1",), feat_stride=feat_stride)
 
 
-NETS = {"vgg16": vgg16, "zf": zf, "tiny": tiny}
+NETS = {"vgg16": vgg16, "zf": zf, "tiny": tiny, "tiny_s8": lambda: tiny(8)}
 # ResNets in the C4 layout live in nets.resnet (imported on use: it builds on this module).
 RESNETS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 NET_NAMES = tuple(sorted((*NETS, *RESNETS)))

@@ -1,6 +1,6 @@
 """Registers the real bodies of the steps (alt_opt: stage1, p1, stage2, stage3, p2, stage4, eval; end2end: e2e,
-eval) and the data inputs
-(data:train, data:test) with the runner.
+eval), the data inputs (data:train, data:test) and the built M0 (PIPELINE.WEIGHTS 'pretrain:<recipe>') with the
+runner.
 
 Importing `stages` imports this module, so `pipeline.py run` finds every body. Bodies are registered by name
 ("module:function") and imported only when a step runs, so a rerun with nothing to do never loads the model or
@@ -9,7 +9,7 @@ step computes.
 """
 from __future__ import annotations
 
-from .engine.runner import register_data_input, register_step
+from .engine.runner import register_data_input, register_step, register_weights_source
 
 __all__ = ["BODIES", "BODY_VERSION"]
 
@@ -29,3 +29,4 @@ for _step_id, _body in BODIES.items():
 
 register_data_input("data:train", "stages.data:train_data")
 register_data_input("data:test", "stages.data:test_data")
+register_weights_source("pretrain:", "stages.pretrain:locate", "stages.pretrain:build")

@@ -1,4 +1,4 @@
-"""Backbones: stride-16 shapes, ZF's LRN, and ImageNet weight loading (torchvision and Caffe layouts)."""
+"""Backbones: stride-16 (and tiny_s8's stride-8) shapes, ZF's LRN, and ImageNet weight loading (torchvision and Caffe layouts)."""
 import cv2
 import numpy as np
 import pytest
@@ -13,15 +13,34 @@ from roidb.blob import prep_im_for_blob
 PIXEL_MEANS = (102.9801, 115.9465, 122.7717)
 
 
-@pytest.mark.parametrize("net,channels,expect_hw", [("tiny", 256, (4, 6)), ("zf", 256, (5, 7))])
+@pytest.mark.parametrize("net,channels,expect_hw", [("tiny", 256, (4, 6)), ("tiny_s8", 256, (8, 12)),
+                                                    ("zf", 256, (5, 7))])
 def test_feature_shapes(net, channels, expect_hw):
     b = build_backbone(net)
     out = b(torch.randn(1, 3, 64, 96))
-    # tiny: a stride-2 conv1 and three ceil-mode 2x2 pools -> ceil(64/16) x ceil(96/16). zf (Caffe arithmetic): 64 -> conv1 32 ->
+    # tiny: a stride-2 conv1 and three ceil-mode 2x2 pools -> ceil(64/16) x ceil(96/16); tiny_s8: two pools, /8. zf (Caffe arithmetic): 64 -> conv1 32 ->
     # pool1 ceil(31/2)+1 = 17 -> conv2 9 -> pool2 ceil(8/2)+1 = 5; 96 -> 48 -> 25 -> 13 -> 7.
     assert out.shape == (1, channels, *expect_hw)
     pooled = torch.randn(3, channels, b.pool_size, b.pool_size)
     assert b.head(pooled).shape == (3, b.fc_dim)
+
+
+def test_tiny_s8_is_tiny_without_its_last_pool():
+    """Same layers and parameter shapes (the same weights files load into both), stride 8, a narrower RPN conv;
+    the detector takes the stride for its anchors and RoI pooling."""
+    from nets import FasterRCNN
+    a, b = build_backbone("tiny"), build_backbone("tiny_s8")
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+    assert (a.feat_stride, b.feat_stride, a.rpn_channels, b.rpn_channels) == (16, 8, 256, 128)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(F.max_pool2d(b(x), 2, ceil_mode=True), a(x), atol=1e-6)
+    model = FasterRCNN("tiny_s8", 3, anchor_scales=(1, 2), anchor_ratios=(1.0,), warn_random_init=False)
+    anchors = model.anchors(8, 12)
+    assert anchors.shape == (8 * 12 * 2, 4)
+    assert torch.equal(anchors[2, :2] - anchors[0, :2], torch.tensor([8.0, 0.0]))  # the next cell is 8 px right
+    assert model.roi_head.spatial_scale == 1.0 / 8
 
 
 def test_body_memory_format_follows_the_cpu_and_what_trains(monkeypatch):

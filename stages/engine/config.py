@@ -64,6 +64,8 @@ _PIPELINE_DEFAULTS: dict[str, Any] = {
     "MODE": "alt_opt", "RUN_CACHE_VERSIONS": 2,
     # end2end (approximate joint training): py-faster-rcnn's VGG16 VOC07 solver (70k iterations, step at 50k).
     "E2E_ITERS": 70000, "E2E_LR": 0.001, "E2E_STEPSIZE": 50000, "E2E_SNAPSHOT_ITERS": 0,
+    # the budget of a built M0 (PIPELINE.WEIGHTS 'pretrain:<recipe>', stages/pretrain.py); 0: the recipe's own.
+    "PRETRAIN_ITERS": 0, "PRETRAIN_SCENES": 0,
 }
 
 def default_dict() -> dict[str, Any]:

@@ -44,6 +44,8 @@ NON_RESULT_KEYS: dict[str, str] = {
     "PIPELINE.OUTPUT_ROOT": "where outputs go",
     "EXP_DIR": "where outputs go",
     "PIPELINE.WEIGHTS": "stood for by M0's sha256",
+    "PIPELINE.PRETRAIN_ITERS": "stood for by M0's sha256 (the budget of a built M0)",
+    "PIPELINE.PRETRAIN_SCENES": "stood for by M0's sha256 (the budget of a built M0)",
     "PIPELINE.DEVICE": "the resolved device; a resumed or re-run step on another device is not re-fingerprinted",
     "PIPELINE.DETERMINISTIC": "CUDA algorithm choice; no effect on the CPU",
     "PIPELINE.RUN_CACHE_VERSIONS": "how many old versions are kept",

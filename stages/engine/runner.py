@@ -194,6 +194,29 @@ def _data_input_function(name: str) -> Callable[[Config], DataInput]:
     return fn
 
 
+WEIGHTS_SOURCES: dict[str, dict[str, str | Callable[..., Any]]] = {}
+
+
+def register_weights_source(scheme: str, locate: str | Callable[[Config], tuple[Path, str] | None],
+                            build: str | Callable[..., Any]) -> None:
+    """Register how a PIPELINE.WEIGHTS value starting with `scheme` (e.g. 'pretrain:') is found and built, as
+    functions or "module:function" names imported on first use: ``locate(config)`` -> (path, sha256) of the built
+    file or None (cheap, no torch: `status` calls it), ``build(config, echo)`` builds it (`run` calls it, under
+    the run lock, before any fingerprint is computed)."""
+    WEIGHTS_SOURCES[scheme] = {"locate": locate, "build": build}
+
+
+def _weights_source(value: str, what: str) -> Callable[..., Any] | None:
+    for scheme, functions in WEIGHTS_SOURCES.items():
+        if value.startswith(scheme):
+            fn = functions[what]
+            if isinstance(fn, str):
+                module_name, _, attr = fn.partition(":")
+                fn = functions[what] = getattr(importlib.import_module(module_name), attr)
+            return fn
+    return None
+
+
 def _as_result(value: Any, step_id: str) -> StepResult:
     if isinstance(value, StepResult):
         return value
@@ -259,16 +282,42 @@ class Runner:
         return self.exp_dir / step_id
 
     def weights_path(self) -> Path | None:
-        return resolve_path(self.config, "PIPELINE.WEIGHTS") if self.config.get("PIPELINE.WEIGHTS") else None
+        """M0's file: PIPELINE.WEIGHTS as a path, or the built file of a registered weights source
+        ('pretrain:<recipe>'); None for a random init."""
+        value = self.config.get("PIPELINE.WEIGHTS")
+        if not value:
+            return None
+        locate = _weights_source(value, "locate")
+        if locate is None:
+            return resolve_path(self.config, "PIPELINE.WEIGHTS")
+        located = locate(self.config)
+        if located is None:
+            raise ConfigError(f"PIPELINE.WEIGHTS: {value} is not built yet (`pipeline.py run` or `pipeline.py "
+                              f"pretrain` builds it)")
+        return located[0]
+
+    def build_weights(self) -> None:
+        """Build M0 when PIPELINE.WEIGHTS names a weights source whose file is not built yet (rank 0)."""
+        value = self.config.get("PIPELINE.WEIGHTS")
+        locate = _weights_source(value, "locate") if value else None
+        if locate is not None and locate(self.config) is None:
+            _weights_source(value, "build")(self.config, echo=self.echo)
+            self._weights_digest = None
+            self._changed()
 
     def _m0_digest(self) -> str:
         if self._weights_digest is None:
-            path = self.weights_path()
-            if path is None:
+            value = self.config.get("PIPELINE.WEIGHTS")
+            locate = _weights_source(value, "locate") if value else None
+            if not value:
                 self._weights_digest = "random-init"
-            elif not path.is_file():
-                raise ConfigError(f"PIPELINE.WEIGHTS: weights file {path} does not exist")
+            elif locate is not None:
+                located = locate(self.config)
+                self._weights_digest = f"not built: {value}" if located is None else located[1]
             else:
+                path = self.weights_path()
+                if not path.is_file():
+                    raise ConfigError(f"PIPELINE.WEIGHTS: weights file {path} does not exist")
                 self._weights_digest = sha256_file(path)
         return self._weights_digest
 
@@ -353,6 +402,7 @@ class Runner:
         lock = RunLock(self.exp_dir, echo=self.echo) if self.dist.is_main else contextlib.nullcontext()
         self._changed()
         with lock, interrupt_guard():
+            self._on_main(self.build_weights)
             selection = self._on_main(lambda: self.plan(until, from_, only, force))
             pending = [s for s in selection.steps if s in selection.forced or self._on_main(
                 lambda: self.not_done_reason(s)) is not None]

@@ -117,7 +117,7 @@ _TEST = {
     "RPN_PRE_NMS_TOP_N": Int(0), "RPN_POST_NMS_TOP_N": Int(0), "RPN_MIN_SIZE": Int(0, 8192),
 }
 _PIPELINE = {
-    "NET": Choice("tiny", "vgg16", "zf", "resnet50", "resnet101"), "WEIGHTS": STR, "TRAIN_IMDB": STR, "TEST_IMDB": STR,
+    "NET": Choice("tiny", "tiny_s8", "vgg16", "zf", "resnet50", "resnet101"), "WEIGHTS": STR, "TRAIN_IMDB": STR, "TEST_IMDB": STR,
     "CLASSES": List(NAME, 0, 10000), "DATA_ROOT": STR, "OUTPUT_ROOT": STR,
     **{f"STAGE{k}_ITERS": Int(1, 10 ** 9) for k in range(1, 5)},
     **{f"STAGE{k}_LR": Float(0.0, 100.0, lo_open=True) for k in range(1, 5)},
@@ -131,7 +131,7 @@ _PIPELINE = {
     "ANCHOR_SCALES": List(Int(1, 4096), 1, 64),
     "ANCHOR_RATIOS": List(Float(0.0, 1e4, lo_open=True), 1, 64),
     "MAX_PER_IMAGE": Int(0, 1 << 20), "DET_THRESH": UNIT, "LOG_EVERY": Int(1), "MODE": Choice("alt_opt", "end2end"),
-    "RUN_CACHE_VERSIONS": Int(0, 1000),
+    "RUN_CACHE_VERSIONS": Int(0, 1000), "PRETRAIN_ITERS": Int(0, 10 ** 7), "PRETRAIN_SCENES": Int(0, 10 ** 6),
 }
 SCHEMA: dict[str, Spec] = {
     **{f"TRAIN.{k}": v for k, v in _TRAIN.items()},

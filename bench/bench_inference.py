@@ -18,6 +18,10 @@ Ratios (a)/(b), (c)/(d) and (c+)/(d): issue 15 asks >= 0.9 for the dumps and >= 
 (the score distribution of the proposals sets the NMS cost): e.g. `python3 pipeline.py run --until eval --set
 EXP_DIR speedexp --set PIPELINE.OUTPUT_ROOT /tmp/speed_out`, then --model /tmp/speed_out/speedexp/stage1/model.pt
 --eval-model /tmp/speed_out/speedexp/stage4/model.pt. `--profile` adds cProfile's top functions of (a) and (c).
+
+On a 2-core machine that another process shares, run with OMP_WAIT_POLICY=PASSIVE: torch's OpenMP workers otherwise
+spin between parallel regions, and against one busy neighbour every op slows down about 6x (body + RPN 46 -> 275 ms
+per image, the proposal layer's small ops 1.5 -> 50 ms), which says nothing about the code being measured.
 """
 from __future__ import annotations
 

@@ -30,8 +30,10 @@ def _check_float(name: str, t: object) -> None:
                                f"got {t.dtype}")
 
 
-def check_nms_args(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> None:
-    """Check ``boxes`` [N, 4] float, ``scores`` [N] float of the same dtype/device (metadata only).
+def check_nms_args(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
+                   max_keep: int | None = None) -> None:
+    """Check ``boxes`` [N, 4] float, ``scores`` [N] float of the same dtype/device (metadata only), and
+    ``max_keep`` None or an int.
 
     The value checks (:func:`check_nms_values`) touch the data; the C++ kernels do them in their own loop,
     because a parallel torch op just before the single-threaded NMS costs more than the NMS on a busy machine.
@@ -48,6 +50,8 @@ def check_nms_args(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: flo
         raise KernelInputError(f"scores must be on the device of boxes ({boxes.device}), got {scores.device}")
     if not isinstance(iou_threshold, (int, float)) or math.isnan(iou_threshold):
         raise KernelInputError(f"iou_threshold must be a number, got {iou_threshold!r}")
+    if max_keep is not None and (isinstance(max_keep, bool) or not isinstance(max_keep, int)):
+        raise KernelInputError(f"max_keep must be an int or None, got {max_keep!r}")
 
 
 def check_nms_values(boxes: torch.Tensor, scores: torch.Tensor) -> None:

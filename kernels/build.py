@@ -40,6 +40,7 @@ CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]  # torch picks the -std 
 
 _lock = threading.Lock()
 _cache: dict[str, ModuleType | None] = {}
+_resolved: dict[str, tuple] = {}  # kind -> (_cache, CSRC, module), see _extension
 build_seconds: dict[str, float] = {}
 _warned = False
 
@@ -110,16 +111,28 @@ def _name(kind: str) -> str:
     return f"frcnn_kernels_{kind}_torch{version}_{h.hexdigest()[:10]}"
 
 
+def _extension(kind: str, sources: list[str], cuda: bool) -> ModuleType | None:
+    """The module of `kind` this process resolved (built or loaded) first. Naming it hashes every source file, a
+    millisecond that every op call (several per image at inference) used to pay; the answer is kept per process,
+    for as long as `_cache` and `CSRC` are the ones it was resolved with (tests swap them)."""
+    hit = _resolved.get(kind)
+    if hit is not None and hit[0] is _cache and hit[1] == CSRC:
+        return hit[2]
+    mod = _get(_name(kind), sources, cuda)
+    _resolved[kind] = (_cache, CSRC, mod)
+    return mod
+
+
 def cpu_extension() -> ModuleType | None:
     """The C++ CPU extension module, built on first call; None when it cannot be built."""
-    return _get(_name("cpu"), CPU_SOURCES, cuda=False)
+    return _extension("cpu", CPU_SOURCES, cuda=False)
 
 
 def cuda_extension() -> ModuleType | None:
     """The CUDA extension module (only with a CUDA device), built on first call; None when unavailable."""
     if not torch.cuda.is_available():
         return None
-    return _get(_name("cuda"), CUDA_SOURCES, cuda=True)
+    return _extension("cuda", CUDA_SOURCES, cuda=True)
 
 
 def backend(device: torch.device) -> ModuleType | None:

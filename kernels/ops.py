@@ -45,7 +45,7 @@ def _backward_options(grad: torch.Tensor) -> dict:
     return {"deterministic": torch.are_deterministic_algorithms_enabled()} if grad.is_cuda else {}
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int | None = None) -> torch.Tensor:
     """Greedy non-maximum suppression (py-faster-rcnn's py_cpu_nms / GPU kernel semantics).
 
     Args:
@@ -53,21 +53,25 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
             areas use the +1 convention.
         scores: [N], same dtype and device.
         iou_threshold: a box is suppressed when its IoU with a higher-scoring kept box is > this (strict).
+        max_keep: None or <= 0 keeps every survivor; else only the first ``max_keep`` kept indices, found by
+            stopping the greedy scan there: the same indices as ``nms(...)[:max_keep]`` without the cost of the
+            rest (the proposal layer's post-NMS top N).
     Returns:
         int64 [K] indices of the kept boxes in decreasing score order; equal scores: the higher index first
         (py-faster-rcnn's ``scores.argsort()[::-1]``).
     Raises:
         KernelInputError (a ValueError) naming the argument for a wrong shape, dtype or value.
     """
-    check_nms_args(boxes, scores, iou_threshold)
+    check_nms_args(boxes, scores, iou_threshold, max_keep)
+    limit = -1 if max_keep is None or max_keep <= 0 else int(max_keep)
     boxes, scores = _upcast(boxes), _upcast(scores)
     ext = backend(boxes.device)
     if ext is None or boxes.device.type != "cpu":
         check_nms_values(boxes, scores)
     if ext is None:
-        return reference.nms(boxes, scores, float(iou_threshold))
+        return reference.nms(boxes, scores, float(iou_threshold), limit)
     with _input_errors():
-        return ext.nms(boxes.contiguous(), scores.contiguous(), float(iou_threshold))
+        return ext.nms(boxes.contiguous(), scores.contiguous(), float(iou_threshold), limit)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:

@@ -18,13 +18,14 @@ import torch
 __all__ = ["nms", "batched_nms", "argsort_desc", "roi_pool", "roi_align", "caffe_round", "py_cpu_nms"]
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int = -1) -> torch.Tensor:
     """Greedy NMS, py_cpu_nms style.
 
     Args:
         boxes: [N, 4] float, inclusive ``[x1, y1, x2, y2]``; areas use the +1 convention.
         scores: [N] same dtype.
         iou_threshold: a box is suppressed when its IoU with a kept box is > this (strict).
+        max_keep: > 0 stops once that many boxes are kept (the full answer's first ``max_keep``).
     Returns:
         int64 [K] kept indices in decreasing score order; equal scores: the higher index first, as
         py-faster-rcnn's ``scores.argsort()[::-1]`` (see :func:`argsort_desc`).
@@ -37,6 +38,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     while order.numel() > 0:
         i = order[0]
         keep.append(int(i))
+        if len(keep) == max_keep:
+            break
         rest = order[1:]
         w = (torch.minimum(x2[i], x2[rest]) - torch.maximum(x1[i], x1[rest]) + 1).clamp(min=0)
         h = (torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest]) + 1).clamp(min=0)

@@ -22,7 +22,7 @@ from nets.proposal_target import RoISampler, proposal_target_layer
 from nets.roi_head import RoIHead
 from nets.rpn import RPNHead, anchor_target_layer, proposal_layer
 
-__all__ = ["FasterRCNN", "im_detect", "detect_blob", "postprocess_detections", "prep_image"]
+__all__ = ["FasterRCNN", "im_detect", "im_detect_blob", "detect_blob", "postprocess_detections", "prep_image"]
 
 
 class FasterRCNN(nn.Module):
@@ -227,19 +227,30 @@ def im_detect(model: FasterRCNN, im_bgr: np.ndarray, *, scales: Sequence[int], m
     """
     if len(scales) != 1:
         raise ValueError(f"im_detect takes exactly one TEST.SCALES entry, got {list(scales)}")
+    data, s = prep_image(im_bgr, scale=scales[0], max_size=max_size, pixel_means=pixel_means)
+    scores, pred, _ = im_detect_blob(model, data, s, im_bgr.shape[:2], boxes=boxes, pre_nms_top_n=pre_nms_top_n,
+                                     post_nms_top_n=post_nms_top_n, nms_thresh=nms_thresh, min_size=min_size)
+    return scores, pred
+
+
+def im_detect_blob(model: FasterRCNN, data: torch.Tensor, scale: float, im_shape: Sequence[int], *,
+                   boxes: np.ndarray | None = None, pre_nms_top_n: int = 6000, post_nms_top_n: int = 300,
+                   nms_thresh: float = 0.7, min_size: float = 16) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """:func:`im_detect` on a blob already made by :func:`prep_image` (``data``, ``scale``) from an image of
+    ``im_shape`` (H, W): scores (R, K) and boxes (R, 4K) as im_detect returns them, plus the RoIs (R, 4) in blob
+    pixels (the RPN's proposals, or ``boxes`` times ``scale``)."""
     was_training = model.training
     model.eval()
     try:
-        data, s = prep_image(im_bgr, scale=scales[0], max_size=max_size, pixel_means=pixel_means)
-        im_info = [data.shape[2], data.shape[3], s]
-        blob_boxes = None if boxes is None else torch.as_tensor(np.asarray(boxes, np.float32)) * s
+        im_info = [data.shape[2], data.shape[3], scale]
+        blob_boxes = None if boxes is None else torch.as_tensor(np.asarray(boxes, np.float32)) * scale
         rois, scores, deltas = detect_blob(model, data.to(model.device), im_info, boxes=blob_boxes,
                                            pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
                                            nms_thresh=nms_thresh, min_size=min_size)
-        pred = clip_boxes(bbox_transform_inv(rois / s, deltas), im_bgr.shape[:2])
+        pred = clip_boxes(bbox_transform_inv(rois / scale, deltas), im_shape[:2])
     finally:
         model.train(was_training)
-    return scores.float().cpu().numpy(), pred.float().cpu().numpy()
+    return scores.float().cpu().numpy(), pred.float().cpu().numpy(), rois
 
 
 def postprocess_detections(scores, boxes, *, thresh: float = 0.05, nms_thresh: float = 0.3,

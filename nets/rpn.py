@@ -181,9 +181,8 @@ def proposal_layer(scores: torch.Tensor, deltas: torch.Tensor, im_info: Sequence
         if pre_nms_top_n > 0:
             order = order[:pre_nms_top_n]
         boxes, fg = boxes[order].float().contiguous(), fg[order].float().contiguous()
-        keep = nms(boxes, fg, nms_thresh)
-        if post_nms_top_n > 0:
-            keep = keep[:post_nms_top_n]
+        # Greedy NMS stops once post_nms_top_n boxes are kept: the first post_nms_top_n of the full answer.
+        keep = nms(boxes, fg, nms_thresh, max_keep=post_nms_top_n if post_nms_top_n > 0 else None)
         boxes, fg = boxes[keep], fg[keep]
         rois = torch.cat((boxes.new_zeros((boxes.shape[0], 1)), boxes), dim=1)
     return rois, fg

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from kernels.boxes import clip_boxes
-from nets import FasterRCNN, detect_blob, im_detect, postprocess_detections, prep_image
+from nets import FasterRCNN, detect_blob, im_detect_blob, postprocess_detections, prep_image
 from roidb.imdb import Imdb
 
 from .engine.artifacts import atomic_write_text
@@ -43,11 +43,11 @@ from .engine.lock import raise_if_interrupted
 from .settings import (load_imdb, load_stage_model, postprocess_settings, test_image_settings,
                        test_rpn_settings)
 from .engine.progress import ProgressBar
-from .proposals import RECALL_TOP_N, proposal_recall, read_image, write_pickle
+from .proposals import RECALL_TOP_N, prepared_images, proposal_recall, read_image, write_pickle
 from .engine.runner import StepContext, StepResult
 
-__all__ = ["detect_image", "run_detector", "test_net", "test_proposal_recall", "format_ap_table", "format_coco_table", "format_results",
-           "is_coco", "metric_description", "results_metrics", "aps_document", "evaluate"]
+__all__ = ["detect_image", "detect_prepared", "run_detector", "test_net", "test_proposal_recall", "format_ap_table", "format_coco_table", "format_results",
+           "is_coco", "metric_description", "proposals_recall", "results_metrics", "aps_document", "evaluate"]
 
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 
@@ -68,33 +68,48 @@ def detect_image(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.
 
     Without TEST.BBOX_REG the boxes are the RPN's RoIs, repeated for every class (py-faster-rcnn's tiling).
     """
-    rpn, image = test_rpn_settings(config), test_image_settings(config)
+    data, scale = prep_image(im, **test_image_settings(config))
+    return detect_prepared(model, data, scale, im.shape[:2], config)
+
+
+def detect_prepared(model: FasterRCNN, data: torch.Tensor, scale: float, im_shape: Sequence[int], config: Config,
+                    proposals_out: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`detect_image` on a blob already made by nets.prep_image (`data`, `scale`) from an image of `im_shape`
+    (H, W). With `proposals_out`, also appends the RPN's first RECALL_TOP_N RoIs in original pixels (float32
+    (N, 4), what :func:`test_proposal_recall` scores), so eval needs no second RPN pass for the recall."""
+    rpn = test_rpn_settings(config)
     if config.TEST.BBOX_REG:
-        return im_detect(model, im, scales=[image["scale"]], max_size=image["max_size"],
-                         pixel_means=image["pixel_means"], **rpn)
-    model.eval()
-    data, scale = prep_image(im, **image)
-    rois, scores, _ = detect_blob(model, data.to(model.device), [data.shape[2], data.shape[3], scale], **rpn)
-    boxes = clip_boxes(rois.float() / scale, im.shape[:2]).repeat(1, model.num_classes)
-    return scores.float().cpu().numpy(), boxes.cpu().numpy().astype(np.float32)
+        scores, boxes, rois = im_detect_blob(model, data, scale, im_shape, **rpn)
+    else:
+        model.eval()
+        rois, probs, _ = detect_blob(model, data.to(model.device), [data.shape[2], data.shape[3], scale], **rpn)
+        tiled = clip_boxes(rois.float() / scale, im_shape[:2]).repeat(1, model.num_classes)
+        scores, boxes = probs.float().cpu().numpy(), tiled.cpu().numpy().astype(np.float32)
+    if proposals_out is not None:
+        proposals_out.append(rois[:RECALL_TOP_N].float().cpu().numpy() / np.float32(scale))
+    return scores, boxes
 
 
 @torch.no_grad()
-def run_detector(detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], imdb: Imdb, config: Config,
+def run_detector(detect: Callable[..., tuple[np.ndarray, np.ndarray]], imdb: Imdb, config: Config,
                  label: str = "eval", indices: Sequence[int] | None = None,
-                 progress: bool | None = None) -> list[list[np.ndarray]]:
+                 progress: bool | None = None, prepared: bool = False) -> list[list[np.ndarray]]:
     """all_boxes[cls][n]: float32 (N, 5) for the n-th image of `indices` (default: every image of `imdb`);
     entry 0, background, empty.
 
     ``detect(im_bgr) -> (scores (R, K), boxes (R, 4K))`` is filtered as py-faster-rcnn's test_net:
-    PIPELINE.DET_THRESH, NMS at TEST.NMS, PIPELINE.MAX_PER_IMAGE over all classes.
+    PIPELINE.DET_THRESH, NMS at TEST.NMS, PIPELINE.MAX_PER_IMAGE over all classes. With `prepared`,
+    ``detect(blob, scale, (H, W))`` takes the image as prepared at the TEST settings, one image ahead in a
+    background thread (:func:`stages.proposals.prepared_images`).
     """
     indices = range(imdb.num_images) if indices is None else indices
     all_boxes: list[list[np.ndarray]] = [[] for _ in range(imdb.num_classes)]
     bar = ProgressBar(len(indices), label, enabled=progress)
-    for n, i in enumerate(indices):
+    images = (prepared_images(imdb, indices, test_image_settings(config)) if prepared
+              else ((read_image(imdb.image_path_at(i)),) for i in indices))
+    for n, image in enumerate(images):
         raise_if_interrupted()
-        scores, boxes = detect(read_image(imdb.image_path_at(i)))
+        scores, boxes = detect(*image)
         dets = postprocess_detections(scores, boxes, **postprocess_settings(config))
         for j in range(imdb.num_classes):
             all_boxes[j].append(dets[j].astype(np.float32))
@@ -104,18 +119,32 @@ def run_detector(detect: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], 
 
 
 def test_net(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "eval",
-             dist: DistContext = SINGLE) -> list[list[np.ndarray]] | None:
+             dist: DistContext = SINGLE, proposals_out: list | None = None) -> list[list[np.ndarray]] | None:
     """all_boxes[cls][image] of `model` (its RPN proposing) over every image of `imdb`.
 
     Under torchrun each rank detects on its block of images and rank 0 gets all_boxes in image_index order (the
-    other ranks get None)."""
+    other ranks get None). With `proposals_out`, rank 0 also gets there each image's first RECALL_TOP_N RPN
+    proposals in original pixels, in image_index order (:func:`proposals_recall` scores them)."""
     model.eval()
-    mine = run_detector(lambda im: detect_image(model, im, config), imdb, config, label,
-                        indices=shard(imdb.num_images, dist), progress=None if dist.is_main else False)
-    parts = dist.gather(mine)
+    rois = None if proposals_out is None else []
+    mine = run_detector(lambda data, scale, shape: detect_prepared(model, data, scale, shape, config, rois), imdb,
+                        config, label, indices=shard(imdb.num_images, dist), progress=None if dist.is_main else False,
+                        prepared=True)
+    parts = dist.gather((mine, rois))
     if parts is None:
         return None
-    return [[dets for part in parts for dets in part[j]] for j in range(imdb.num_classes)]
+    if proposals_out is not None:
+        proposals_out.extend(r for _, part in parts for r in part)
+    return [[dets for part, _ in parts for dets in part[j]] for j in range(imdb.num_classes)]
+
+
+def proposals_recall(boxes: Sequence[np.ndarray], imdb: Imdb) -> dict[str, float]:
+    """{'recall@0.5_top300', 'recall@0.7_top300'} of per-image proposals `boxes` (original pixels, best first, in
+    image_index order) against the imdb's non-difficult GT boxes."""
+    from roidb.imdb import object_rows
+    gt = [e["boxes"][object_rows(e)] for e in imdb.gt_roidb()]
+    return {f"recall@{iou}_top{RECALL_TOP_N}": round(proposal_recall(boxes, gt, iou, RECALL_TOP_N), 6)
+            for iou in (0.5, 0.7)}
 
 
 @torch.no_grad()
@@ -123,8 +152,8 @@ def test_proposal_recall(model: FasterRCNN, imdb: Imdb, config: Config, dist: Di
                          ) -> dict[str, float] | None:
     """{'recall@0.5_top300', 'recall@0.7_top300'}: the fraction of the test imdb's non-difficult GT boxes that one
     of the model's first 300 RPN proposals (TEST.RPN_* settings, original pixels) overlaps with IoU >= 0.5 / 0.7.
-    Under torchrun each rank proposes for its block of images; rank 0 gets the dict (the others None)."""
-    from roidb.imdb import object_rows
+    Under torchrun each rank proposes for its block of images; rank 0 gets the dict (the others None).
+    The eval step gets the same numbers from its detection pass (test_net's `proposals_out`)."""
     model.eval()
     rpn, image = test_rpn_settings(config), test_image_settings(config)
     mine = []
@@ -134,11 +163,7 @@ def test_proposal_recall(model: FasterRCNN, imdb: Imdb, config: Config, dist: Di
         boxes, _ = model.propose(data.to(model.device), [data.shape[2], data.shape[3], scale], **rpn)
         mine.append(boxes[:RECALL_TOP_N].float().cpu().numpy() / np.float32(scale))
     boxes = gather_in_order(mine, dist)
-    if boxes is None:
-        return None
-    gt = [e["boxes"][object_rows(e)] for e in imdb.gt_roidb()]
-    return {f"recall@{iou}_top{RECALL_TOP_N}": round(proposal_recall(boxes, gt, iou, RECALL_TOP_N), 6)
-            for iou in (0.5, 0.7)}
+    return None if boxes is None else proposals_recall(boxes, imdb)
 
 
 def format_ap_table(aps: dict[str, float], mean_ap: float) -> str:
@@ -209,10 +234,11 @@ def evaluate(ctx: StepContext) -> StepResult:
     _check_test_settings(ctx.config)
     imdb = load_imdb(ctx.config, "PIPELINE.TEST_IMDB")
     model = load_stage_model(ctx.config, ctx.input_file(ctx.step.upstream[0], "model.pt"), imdb.classes, ctx.device)
-    all_boxes = test_net(model, imdb, ctx.config, label=ctx.step.id, dist=ctx.dist)
-    recall = test_proposal_recall(model, imdb, ctx.config, dist=ctx.dist)
-    if all_boxes is None or recall is None:
+    proposals: list[np.ndarray] = []
+    all_boxes = test_net(model, imdb, ctx.config, label=ctx.step.id, dist=ctx.dist, proposals_out=proposals)
+    if all_boxes is None:
         return StepResult(outputs=[])
+    recall = proposals_recall(proposals, imdb)
     write_pickle(ctx.step_dir / "detections.pkl", all_boxes)
     imdb.competition_mode(True)
     results = imdb.evaluate_detections(all_boxes, ctx.step_dir / "results")

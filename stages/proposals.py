@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import pickle
 import pickletools
-from typing import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from .settings import load_imdb, load_stage_model, proposal_dump_settings, test_
 from .engine.progress import ProgressBar
 from .engine.runner import StepContext, StepResult
 
-__all__ = ["image_proposals", "imdb_proposals", "proposal_recall",
+__all__ = ["image_proposals", "blob_proposals", "imdb_proposals", "prepared_images", "proposal_recall",
            "write_pickle", "p1", "p2"]
 
 RECALL_TOP_N = 300
@@ -44,27 +45,62 @@ def read_image(path: str) -> np.ndarray:
     return decode_image(path)
 
 
+def _prepared(path: str, image: dict) -> tuple[torch.Tensor, float, tuple[int, int]]:
+    im = read_image(path)
+    data, scale = prep_image(im, **image)
+    return data, scale, im.shape[:2]
+
+
+def prepared_images(imdb: Imdb, indices: Sequence[int], image: dict
+                    ) -> Iterator[tuple[torch.Tensor, float, tuple[int, int]]]:
+    """(blob, scale, (H, W)) of each image of `indices`, in that order: the image decoded and prepared by
+    nets.prep_image with the settings `image` (test_image_settings), one image ahead in a background thread, so the
+    JPEG decode and resize of the next image overlap the network's forward on this one (OpenCV and NumPy release
+    the GIL). Each blob is a function of its file alone, so the values are those of a sequential loop; an image
+    that fails to read raises its DataError when its turn comes."""
+    if len(indices) == 0:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        ahead: Future = pool.submit(_prepared, imdb.image_path_at(indices[0]), image)
+        try:
+            for k in range(len(indices)):
+                current = ahead
+                if k + 1 < len(indices):
+                    ahead = pool.submit(_prepared, imdb.image_path_at(indices[k + 1]), image)
+                yield current.result()
+        finally:
+            ahead.cancel()
+
+
 @torch.no_grad()
-def image_proposals(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndarray]:
-    """RPN proposals of one BGR image: float32 boxes (N, 4) in original pixels, best first, and scores (N,)."""
-    data, scale = prep_image(im, **test_image_settings(config))
+def blob_proposals(model: FasterRCNN, data: torch.Tensor, scale: float, config: Config
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`image_proposals` on a blob already made by nets.prep_image (`data`, `scale`)."""
     im_info = [data.shape[2], data.shape[3], scale]
     boxes, scores = model.propose(data.to(model.device), im_info, **proposal_dump_settings(config))
     boxes = boxes.float().cpu().numpy() / np.float32(scale)
     return boxes.astype(np.float32), scores.float().cpu().numpy().astype(np.float32)
 
 
+@torch.no_grad()
+def image_proposals(model: FasterRCNN, im: np.ndarray, config: Config) -> tuple[np.ndarray, np.ndarray]:
+    """RPN proposals of one BGR image: float32 boxes (N, 4) in original pixels, best first, and scores (N,)."""
+    data, scale = prep_image(im, **test_image_settings(config))
+    return blob_proposals(model, data, scale, config)
+
+
 def imdb_proposals(model: FasterRCNN, imdb: Imdb, config: Config, label: str = "proposals",
                    indices: Sequence[int] | None = None, progress: bool | None = None
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Proposals and scores for the images `indices` (default: every image) of `imdb`, unflipped, in that order."""
+    """Proposals and scores for the images `indices` (default: every image) of `imdb`, unflipped, in that order
+    (each image decoded one ahead, see :func:`prepared_images`)."""
     model.eval()
     indices = range(imdb.num_images) if indices is None else indices
     bar = ProgressBar(len(indices), label, enabled=progress)
     boxes, scores = [], []
-    for n, i in enumerate(indices):
+    for n, (data, scale, _) in enumerate(prepared_images(imdb, indices, test_image_settings(config))):
         raise_if_interrupted()
-        b, s = image_proposals(model, read_image(imdb.image_path_at(i)), config)
+        b, s = blob_proposals(model, data, scale, config)
         boxes.append(b)
         scores.append(s)
         bar.update(n + 1)

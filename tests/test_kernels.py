@@ -154,6 +154,33 @@ def test_nms_edge_cases(ext, dtype):
         assert torch.equal(ext.nms(boxes, scores, thr), reference.nms(boxes, scores, thr))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nms_max_keep_is_the_full_answer_truncated(ext, dtype):
+    """Stopping the greedy scan at max_keep kept boxes (the proposal layer's post-NMS top N) gives exactly the first
+    max_keep indices of the full NMS, in the C++ kernel, the reference and kernels.nms; tie-heavy, integer and
+    RPN-sized inputs, both paths of the C++ kernel (simple below 64 boxes, tiled above)."""
+    cases = [clustered_boxes(n, seed, dtype, integer=seed % 3 == 0, ties=seed % 2 == 1)
+             for seed, n in enumerate((3, 40, 63, 64, 300, 700, 5000))]
+    ones = torch.tensor([[5, 5, 20, 30]], dtype=dtype).repeat(150, 1)
+    cases.append((ones + torch.arange(150, dtype=dtype)[:, None] % 7, torch.ones(150, dtype=dtype)))  # all tied
+    for boxes, scores in cases:
+        for thr in (0.0, 0.3, 0.7, 1.0):
+            full = reference.nms(boxes, scores, thr)
+            assert torch.equal(ext.nms(boxes, scores, thr), full)
+            for k in (1, 2, 17, len(full) - 1, len(full), len(full) + 5, 2000):
+                if k <= 0:
+                    continue
+                want = full[:k]
+                assert torch.equal(ext.nms(boxes, scores, thr, k), want), (len(boxes), thr, k)
+                assert torch.equal(kernels.nms(boxes, scores, thr, max_keep=k), want), (len(boxes), thr, k)
+                if k in (1, 17, len(full) - 1) and len(boxes) <= 700:  # the slow reference: a few cases
+                    assert torch.equal(reference.nms(boxes, scores, thr, k), want), (len(boxes), thr, k)
+            for no_cap in (None, 0, -1):
+                assert torch.equal(kernels.nms(boxes, scores, thr, max_keep=no_cap), full)
+    with pytest.raises(KernelInputError, match="max_keep"):
+        kernels.nms(*cases[0], 0.5, max_keep=2.0)
+
+
 def test_nms_returns_decreasing_scores():
     boxes, scores = clustered_boxes(500, seed=11)
     keep = kernels.nms(boxes, scores, 0.5)

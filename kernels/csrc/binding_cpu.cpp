@@ -6,7 +6,9 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "frcnn kernels, C++ CPU: nms, roi_pool, roi_align (boxes [x1, y1, x2, y2], inclusive pixels)";
-  m.def("nms", &nms_cpu, "greedy NMS: boxes [N,4], scores [N], iou_threshold -> int64 [K]");
+  m.def("nms", &nms_cpu, "greedy NMS: boxes [N,4], scores [N], iou_threshold[, max_keep] -> int64 [K]",
+        pybind11::arg("boxes"), pybind11::arg("scores"), pybind11::arg("iou_threshold"),
+        pybind11::arg("max_keep") = -1);
   m.def("roi_pool_forward", &roi_pool_forward_cpu, "Caffe ROIPooling forward -> (output, argmax)");
   m.def("roi_pool_backward", &roi_pool_backward_cpu, "Caffe ROIPooling backward through argmax");
   m.def("roi_align_forward", &roi_align_forward_cpu, "torchvision RoIAlign forward");

@@ -15,7 +15,7 @@ void check_launch(int err, const char* what) { TORCH_CHECK(err == 0, what, ": CU
 
 void* stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()); }
 
-at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
+at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, int64_t max_keep) {
   TORCH_CHECK(boxes.is_cuda() && boxes.dim() == 2 && boxes.size(1) == 4, "nms: boxes must be CUDA [N, 4]");
   c10::cuda::CUDAGuard guard(boxes.device());
   const int64_t n = boxes.size(0);
@@ -34,7 +34,7 @@ at::Tensor nms(const at::Tensor& boxes, const at::Tensor& scores, double iou_thr
   at::Tensor host_mask = mask.cpu();
   std::vector<int64_t> keep(n);
   const int64_t kept = nms_reduce_mask(reinterpret_cast<const uint64_t*>(host_mask.data_ptr<int64_t>()), n,
-                                       keep.data());
+                                       keep.data(), max_keep);
   at::Tensor ranks = at::from_blob(keep.data(), {kept}, at::kLong).to(boxes.device());
   return order.index_select(0, ranks);
 }
@@ -117,7 +117,8 @@ at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois, in
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "frcnn kernels, CUDA: nms, roi_pool, roi_align (boxes [x1, y1, x2, y2], inclusive pixels)";
-  m.def("nms", &nms, "greedy NMS (64-bit mask kernel): boxes [N,4], scores [N], iou_threshold -> int64 [K]");
+  m.def("nms", &nms, "greedy NMS (64-bit mask kernel): boxes [N,4], scores [N], iou_threshold[, max_keep] -> int64 [K]",
+        py::arg("boxes"), py::arg("scores"), py::arg("iou_threshold"), py::arg("max_keep") = -1);
   m.def("roi_pool_forward", &roi_pool_forward, "Caffe ROIPooling forward -> (output, argmax)");
   m.def("roi_pool_backward", &roi_pool_backward,
         "Caffe ROIPooling backward through argmax (deterministic: fixed summation order, no atomics)",

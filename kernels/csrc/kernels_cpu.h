@@ -65,8 +65,9 @@ inline void check_rois(const T* rois, int64_t R, int64_t batch) {
 }
 
 // Greedy NMS: boxes [N, 4], scores [N] (float/double, contiguous) -> int64 [K] kept indices, decreasing score,
-// ties by lower index; suppress when IoU > iou_threshold; +1 areas.
-at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold);
+// ties by higher index; suppress when IoU > iou_threshold; +1 areas. max_keep > 0: only the first max_keep kept
+// indices, found by stopping the greedy scan there (the same as truncating the full answer).
+at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, int64_t max_keep);
 
 // Caffe ROIPooling: features [B, C, H, W] -> (output [R, C, ph, pw], argmax int32 [R, C, ph, pw], -1 if empty).
 std::tuple<at::Tensor, at::Tensor> roi_pool_forward_cpu(const at::Tensor& features, const at::Tensor& rois,

@@ -11,8 +11,9 @@ constexpr int kNmsThreadsPerBlock = 64;  // one bit per box in a 64-bit mask wor
 // of mask[i][b] says box 64 * b + k (ranked after i) has IoU > thr with box i. Upper triangle only.
 template <typename T>
 int nms_mask_launch(const T* sorted_boxes, int64_t n, double iou_threshold, uint64_t* mask, void* stream);
-// Greedy reduction of a host copy of the mask: writes the kept ranks (increasing) and returns how many.
-int64_t nms_reduce_mask(const uint64_t* host_mask, int64_t n, int64_t* host_keep);
+// Greedy reduction of a host copy of the mask: writes the kept ranks (increasing) and returns how many; with
+// max_keep > 0 it stops once that many are kept (the full answer truncated).
+int64_t nms_reduce_mask(const uint64_t* host_mask, int64_t n, int64_t* host_keep, int64_t max_keep);
 
 // Caffe ROIPooling. output, argmax [R, C, ph, pw] (argmax: index in the H*W plane, -1 for an empty cell).
 template <typename T>

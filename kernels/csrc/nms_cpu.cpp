@@ -78,14 +78,17 @@ struct Level {
   std::vector<int> dense;  // (gx - gx0) * ny + (gy - gy0) -> tile id, -1 if none; empty: scan `tiles`
 };
 
+// max_keep > 0 stops the greedy scan once that many boxes are kept: the kept list is built best first and a box's
+// fate depends only on the boxes ranked before it, so this is the full answer truncated, at a fraction of the cost.
 template <typename T>
-std::vector<int64_t> nms_simple(const Boxes<T>& b, T thr) {
+std::vector<int64_t> nms_simple(const Boxes<T>& b, T thr, int64_t max_keep) {
   const int64_t n = static_cast<int64_t>(b.x1.size());
   std::vector<uint8_t> dead(n, 0);
   std::vector<int64_t> keep;
   for (int64_t i = 0; i < n; ++i) {
     if (dead[i]) continue;
     keep.push_back(i);
+    if (static_cast<int64_t>(keep.size()) == max_keep) break;
     for (int64_t j = i + 1; j < n; ++j)
       if (!dead[j] && suppresses(b.x1[i], b.y1[i], b.x2[i], b.y2[i], b.area[i], b.x1[j], b.y1[j], b.x2[j], b.y2[j],
                                  b.area[j], thr))
@@ -99,13 +102,14 @@ class TiledNms {
  public:
   TiledNms(const Boxes<T>& sorted, T thr) : b_(sorted), thr_(thr), size_prune_(thr > 0) { build(); }
 
-  std::vector<int64_t> run() {
+  std::vector<int64_t> run(int64_t max_keep) {
     const int64_t n = static_cast<int64_t>(b_.x1.size());
     dead_.assign(n, 0);
     std::vector<int64_t> keep;
     for (int64_t i = 0; i < n; ++i) {
       if (dead_[i]) continue;
       keep.push_back(i);
+      if (static_cast<int64_t>(keep.size()) == max_keep) break;
       suppress_from(i);
     }
     return keep;
@@ -259,7 +263,7 @@ class TiledNms {
 };
 
 template <typename T>
-at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
+at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, int64_t max_keep) {
   const int64_t n = boxes.size(0);
   const T* bx = boxes.data_ptr<T>();
   const T* sc = scores.data_ptr<T>();
@@ -285,9 +289,9 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, double io
   const T thr = static_cast<T>(iou_threshold);
   std::vector<int64_t> kept_ranks;
   if (n < 64 || !(thr >= 0) || max_abs > kMaxCoord) {
-    kept_ranks = nms_simple(s, thr);
+    kept_ranks = nms_simple(s, thr, max_keep);
   } else {
-    kept_ranks = TiledNms<T>(s, thr).run();
+    kept_ranks = TiledNms<T>(s, thr).run(max_keep);
   }
   at::Tensor keep = at::empty({static_cast<int64_t>(kept_ranks.size())}, boxes.options().dtype(at::kLong));
   int64_t* out = keep.data_ptr<int64_t>();
@@ -297,12 +301,12 @@ at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, double io
 
 }  // namespace
 
-at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
+at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold, int64_t max_keep) {
   TORCH_CHECK(boxes.device().is_cpu() && boxes.dim() == 2 && boxes.size(1) == 4, "nms: boxes must be CPU [N, 4]");
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0), "nms: scores must be [N]");
   TORCH_CHECK(scores.scalar_type() == boxes.scalar_type(), "nms: scores and boxes must share a dtype");
   at::Tensor b = boxes.contiguous(), s = scores.contiguous();
   at::Tensor keep;
-  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "nms_cpu", [&] { keep = nms_impl<scalar_t>(b, s, iou_threshold); });
+  AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "nms_cpu", [&] { keep = nms_impl<scalar_t>(b, s, iou_threshold, max_keep); });
   return keep;
 }

@@ -53,7 +53,7 @@ int nms_mask_launch(const T* sorted_boxes, int64_t n, double iou_threshold, uint
   return static_cast<int>(cudaGetLastError());
 }
 
-int64_t nms_reduce_mask(const uint64_t* host_mask, int64_t n, int64_t* host_keep) {
+int64_t nms_reduce_mask(const uint64_t* host_mask, int64_t n, int64_t* host_keep, int64_t max_keep) {
   const int64_t blocks = (n + kNmsThreadsPerBlock - 1) / kNmsThreadsPerBlock;
   std::vector<uint64_t> removed(blocks, 0);
   int64_t kept = 0;
@@ -61,6 +61,7 @@ int64_t nms_reduce_mask(const uint64_t* host_mask, int64_t n, int64_t* host_keep
     const int64_t b = i / kNmsThreadsPerBlock, k = i % kNmsThreadsPerBlock;
     if (removed[b] & (1ULL << k)) continue;
     host_keep[kept++] = i;
+    if (kept == max_keep) break;
     const uint64_t* row = host_mask + i * blocks;
     for (int64_t j = b; j < blocks; ++j) removed[j] |= row[j];
   }

@@ -129,6 +129,34 @@ def test_nms_matches_reference_on_rpn_sized_input(ext):
     assert torch.equal(ext.nms(boxes, scores, 0.7), reference.nms(boxes, scores, 0.7))
 
 
+def _anchor_like(n: int, seed: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded-anchor-like boxes: stride-8 grid centres with jitter, sizes 16..256 at ratios 0.5/1/2 (the dense
+    many-to-a-cell layout of a stride-8 RPN), float scores with a few exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    cx = torch.randint(0, 60, (n,), generator=g) * 8 + torch.randn(n, generator=g) * 3
+    cy = torch.randint(0, 40, (n,), generator=g) * 8 + torch.randn(n, generator=g) * 3
+    sizes = torch.tensor([16.0, 32, 64, 128, 256])[torch.randint(0, 5, (n,), generator=g)]
+    sizes = sizes * (0.7 + 0.7 * torch.rand(n, generator=g))
+    ratio = torch.tensor([0.5, 1.0, 2.0])[torch.randint(0, 3, (n,), generator=g)]
+    w, h = sizes * ratio.sqrt(), sizes / ratio.sqrt()
+    boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).to(dtype)
+    scores = (torch.randint(0, 400, (n,), generator=g) / 400.0).to(dtype)
+    return boxes, scores
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nms_centre_window_pruning_is_exact_on_dense_anchor_like_boxes(ext, dtype):
+    """For thr > 0 the kernel visits only grid cells whose centres lie within (1 - thr) / thr of the kept box's
+    size of its centre; on dense, many-sized boxes (where that prunes most pairs) it must still be the greedy
+    answer of the reference, at every threshold, with and without max_keep."""
+    for seed in range(6):
+        boxes, scores = _anchor_like(2500, seed, dtype)
+        for thr in (0.05, 0.3, 0.5, 0.7, 0.9, 0.999):
+            want = reference.nms(boxes, scores, thr)
+            assert torch.equal(ext.nms(boxes, scores, thr), want), (seed, thr)
+            assert torch.equal(ext.nms(boxes, scores, thr, 300), want[:300]), (seed, thr)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nms_edge_cases(ext, dtype):
     empty = ext.nms(torch.zeros(0, 4, dtype=dtype), torch.zeros(0, dtype=dtype), 0.5)

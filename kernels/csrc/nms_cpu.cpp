@@ -7,8 +7,9 @@
 //    the test against a tile's union box is exact because float subtraction and addition are monotone;
 //  * for thr > 0 and positive sizes, IoU <= min(w_i, w_j) / max(w_i, w_j) (same for h); a tile whose width and
 //    height ranges miss that bound by a 1e-4 relative margin (far above the few-ulp rounding) is skipped.
-// Boxes are grouped by size level (floor(log2(max(w, h)))) and, within a level, by the grid cell (of the level's
-// size) holding their centre; each tile keeps its live members in score order and compacts them as it is scanned.
+// Boxes are grouped by size level (floor(log2(max(w, h)))) and, within a level, by the grid cell (a quarter of the
+// level's size) holding their centre; for thr > 0 only cells whose centres can lie within (1 - thr) / thr of box
+// i's size of its centre are visited (see suppress_from); each tile keeps its live members in score order and compacts them as it is scanned.
 #include "kernels_cpu.h"
 
 #include <ATen/Dispatch.h>
@@ -24,8 +25,9 @@
 namespace {
 
 constexpr double kSizeMargin = 1e-4;
-constexpr int64_t kMaxDenseCells = 1 << 18;
+constexpr int64_t kMaxDenseCells = 1 << 20;
 constexpr double kMaxCoord = 1e12;
+constexpr int kCellShift = 2;  // grid cells are a quarter of their level's box size
 
 template <typename T>
 struct Boxes {  // structure of arrays, in score order
@@ -134,7 +136,7 @@ class TiledNms {
     const int64_t n = static_cast<int64_t>(b_.x1.size());
     levels_.resize(62);
     levels_[61].sized = false;
-    for (int lv = 0; lv <= 60; ++lv) levels_[lv].cell = std::ldexp(1.0, lv);
+    for (int lv = 0; lv <= 60; ++lv) levels_[lv].cell = std::ldexp(1.0, lv - kCellShift);
     // tile key per box: (level slot, gx, gy); bucket boxes by sorting the keys (stable keeps score order).
     std::vector<int> slot(n);
     std::vector<int64_t> gx(n), gy(n);
@@ -232,14 +234,27 @@ class TiledNms {
     for (Level<T>& L : levels_) {
       if (L.tiles.empty()) continue;
       if (L.sized && size_rules_out(wi, hi, L.w, L.h)) continue;
-      // A member's centre lies within its half extent (< one cell) of its box, and it must reach box i.
+      // The members' centres that can matter: for thr > 0, IoU > thr needs an intersection width
+      // iw > thr * max(wi, wj) and wj < wi / thr, while iw <= (wi + wj) / 2 - |cxi - cxj|, so
+      // |cxi - cxj| < (wi + wj) / 2 - thr * max(wi, wj) <= wi (1 - thr) / thr (same for y); the bound is widened by
+      // a relative 1e-3 and 2 px against rounding. Otherwise (thr <= 0, a non-positive size) a member must reach
+      // box i, and its centre lies within its half extent (< 4 cells) of its box.
       int64_t cx0 = 0, cx1 = -1, cy0 = 0, cy1 = -1;
       bool use_dense = !L.dense.empty();
       if (use_dense) {
-        cx0 = std::max<int64_t>(L.gx0, int64_t(std::floor((ix1 - 2) / L.cell)) - 1);
-        cx1 = std::min<int64_t>(L.gx0 + L.nx - 1, int64_t(std::floor((ix2 + 2) / L.cell)) + 1);
-        cy0 = std::max<int64_t>(L.gy0, int64_t(std::floor((iy1 - 2) / L.cell)) - 1);
-        cy1 = std::min<int64_t>(L.gy0 + L.ny - 1, int64_t(std::floor((iy2 + 2) / L.cell)) + 1);
+        double lx, hx, ly, hy;
+        if (size_prune_ && L.sized && wi > 0 && hi > 0 && thr_ < 1) {
+          const double t = static_cast<double>(thr_), k = (1 - t) / t * (1 + 1e-3);
+          const double cxi = 0.5 * (ix1 + ix2), cyi = 0.5 * (iy1 + iy2);
+          lx = cxi - k * wi - 2; hx = cxi + k * wi + 2; ly = cyi - k * hi - 2; hy = cyi + k * hi + 2;
+        } else {
+          const double pad = L.cell * (1 << kCellShift);
+          lx = ix1 - 2 - pad; hx = ix2 + 2 + pad; ly = iy1 - 2 - pad; hy = iy2 + 2 + pad;
+        }
+        cx0 = std::max<int64_t>(L.gx0, int64_t(std::floor(lx / L.cell)) - 1);
+        cx1 = std::min<int64_t>(L.gx0 + L.nx - 1, int64_t(std::floor(hx / L.cell)) + 1);
+        cy0 = std::max<int64_t>(L.gy0, int64_t(std::floor(ly / L.cell)) - 1);
+        cy1 = std::min<int64_t>(L.gy0 + L.ny - 1, int64_t(std::floor(hy / L.cell)) + 1);
         if (cx1 < cx0 || cy1 < cy0) continue;
         use_dense = (cx1 - cx0 + 1) * (cy1 - cy0 + 1) <= static_cast<int64_t>(L.tiles.size());
       }

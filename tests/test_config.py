@@ -160,7 +160,7 @@ def test_dump_round_trips_and_dotted_get(tmp_path):
     again = load_config(tmp_path / "config.yml")
     assert again.flat() == cfg.flat()
     assert yaml.safe_load((tmp_path / "config.yml").read_text())["TEST"]["NMS"] == 0.45
-    assert cfg.get("TEST.NMS") == 0.45 and cfg.get("PIPELINE.NET") == "tiny"
+    assert cfg.get("TEST.NMS") == 0.45 and cfg.get("PIPELINE.NET") == "tiny_s8"
     assert cfg.get("TEST.NOPE", default=None) is None
     with pytest.raises(ConfigError, match="unknown config key TEST.NOPE"):
         cfg.get("TEST.NOPE")

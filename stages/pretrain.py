@@ -176,7 +176,8 @@ def _train(name: str, recipe: PretrainRecipe, weights: Path, manifest_path: Path
         return {"cls": torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))}
 
     solver = SolverSettings(iters=recipe.iters, lr=recipe.lr, stepsize=recipe.stepsize, gamma=0.1,
-                            momentum=recipe.momentum, weight_decay=recipe.weight_decay, snapshot_iters=100)
+                            momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                            snapshot_iters=min(100, max(1, recipe.iters // 4)))
     result = train_loop(model, loss_fn, loader, solver, work, reporter=Reporter(label="pretrain", echo=echo),
                         fingerprint=recipe_key(recipe))
     state = torch.load(result.model_path, map_location="cpu", weights_only=True)

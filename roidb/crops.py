@@ -25,6 +25,8 @@ from roidb.synthetic import SHAPE_CLASSES, render_image
 
 __all__ = ["CropLoader", "render_scenes", "scene_boxes"]
 
+_MAX_BACKGROUND_DRAWS = 10000
+
 
 def render_scenes(seed: int, num_images: int, n_jobs: int = 2) -> list[tuple[np.ndarray, list[dict]]]:
     """Scenes 1..num_images of `seed`: (BGR uint8 (H, W, 3), objects as render_image gives them)."""
@@ -116,7 +118,7 @@ class CropLoader:
         return i, window, self.class_index[obj["name"]]
 
     def _background_window(self) -> tuple[int, np.ndarray]:
-        while True:
+        for _ in range(_MAX_BACKGROUND_DRAWS):
             i = int(self.rng.integers(len(self.scenes)))
             img = self.scenes[i][0]
             h, w = img.shape[:2]
@@ -131,6 +133,8 @@ class CropLoader:
             area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
             if float((ix * iy / area).max()) <= self.bg_max_cover:
                 return i, window
+        raise ValueError(f"no background window covering at most {self.bg_max_cover} of every object in "
+                         f"{_MAX_BACKGROUND_DRAWS} draws: the scenes are covered by objects")
 
 
 def _crop(img: np.ndarray, window: np.ndarray, size: int, border: tuple[float, ...]) -> np.ndarray:

@@ -104,8 +104,14 @@ def _paths(config: Config, name: str, recipe: PretrainRecipe) -> tuple[Path, Pat
     return folder / f"{stem}.pt", folder / f"{stem}.json", folder / f".work-{stem}"
 
 
+_MAX_MANIFEST_BYTES = 1 << 20
+
+
 def _read_manifest(path: Path) -> dict | None:
+    """The manifest's dict; None when absent, unreadable, over 1 MiB or not a JSON object (the M0 is rebuilt)."""
     try:
+        if path.stat().st_size > _MAX_MANIFEST_BYTES:
+            return None
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -145,10 +151,9 @@ def build(config: Config, echo: Callable[[str], None] = print) -> tuple[Path, di
 
 def _train(name: str, recipe: PretrainRecipe, weights: Path, manifest_path: Path, work: Path,
            echo: Callable[[str], None]) -> dict:
-    import numpy as np
     import torch
 
-    from nets.backbones import build_backbone, init_backbone
+    from nets.backbones import PYFRCNN_PIXEL_MEANS, build_backbone, init_backbone
     from nets.pretrain import CropClassifier
     from roidb.crops import CropLoader, render_scenes
     from roidb.synthetic import SHAPE_CLASSES
@@ -166,7 +171,6 @@ def _train(name: str, recipe: PretrainRecipe, weights: Path, manifest_path: Path
     model = CropClassifier(backbone, len(SHAPE_CLASSES) + 1, generator)
     scenes = render_scenes(recipe.scene_seed, recipe.num_scenes)
     held_out = max(1, recipe.num_scenes // 10)
-    from nets.backbones import PYFRCNN_PIXEL_MEANS
     loader = CropLoader(scenes[held_out:], crop_size=recipe.crop_size, batch_size=recipe.batch_size,
                         fg_fraction=recipe.fg_fraction, pixel_means=PYFRCNN_PIXEL_MEANS, seed=recipe.seed)
 
@@ -184,7 +188,7 @@ def _train(name: str, recipe: PretrainRecipe, weights: Path, manifest_path: Path
     model.load_state_dict(state["model"])
     accuracy = _accuracy(model, CropLoader(scenes[:held_out], crop_size=recipe.crop_size,
                                            batch_size=recipe.num_eval_crops, fg_fraction=recipe.fg_fraction,
-                                           pixel_means=PYFRCNN_PIXEL_MEANS, seed=recipe.seed + 1), np)
+                                           pixel_means=PYFRCNN_PIXEL_MEANS, seed=recipe.seed + 1))
     with atomic_path(weights) as tmp:
         save_torch(model.export_weights(), tmp)
     seconds = round(time.time() - started, 1)
@@ -197,7 +201,7 @@ def _train(name: str, recipe: PretrainRecipe, weights: Path, manifest_path: Path
     return manifest
 
 
-def _accuracy(model, loader, np) -> dict[str, float]:
+def _accuracy(model, loader) -> dict[str, float]:
     """Top-1 accuracy on one batch of held-out crops (scenes the training never drew from)."""
     import torch
     model.eval()

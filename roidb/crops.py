@@ -35,6 +35,10 @@ def render_scenes(seed: int, num_images: int, n_jobs: int = 2) -> list[tuple[np.
         from joblib import Parallel, delayed
         chunks = [numbers[i::n_jobs] for i in range(n_jobs)]
         parts = Parallel(n_jobs=n_jobs)(delayed(_render_chunk)(seed, c) for c in chunks)
+        # joblib keeps its worker processes for reuse; the caller trains for minutes next, and a worker surviving
+        # a kill of this process would hold its stdout open
+        from joblib.externals.loky import get_reusable_executor
+        get_reusable_executor().shutdown(wait=True)
         by_number = {n: scene for part in parts for n, scene in part}
         return [by_number[n] for n in numbers]
     return [scene for _, scene in _render_chunk(seed, numbers)]

@@ -64,7 +64,7 @@ def test_py_faster_rcnn_alt_opt_yml_loads_unchanged():
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yml")))
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / name)
-    assert cfg.PIPELINE.NET in ("tiny", "vgg16", "zf", "resnet50", "resnet101")
+    assert cfg.PIPELINE.NET in ("tiny", "tiny_s8", "vgg16", "zf", "resnet50", "resnet101")
 
 
 def test_res101_recipe_values():
@@ -135,7 +135,7 @@ def test_wrong_type_in_yml_names_file_and_key(tmp_path):
 
 
 def test_choices_ranges_and_yaml_off():
-    with pytest.raises(ConfigError, match=r"PIPELINE.NET must be one of tiny, vgg16, zf, resnet50, resnet101, got 'resnet'"):
+    with pytest.raises(ConfigError, match=r"PIPELINE.NET must be one of tiny, tiny_s8, vgg16, zf, resnet50, resnet101, got 'resnet'"):
         load_config(overrides=[("PIPELINE.NET", "resnet")])
     with pytest.raises(ConfigError, match=r"PIPELINE.STAGE3_ITERS must be in \[1, 1000000000\], got 0"):
         load_config(overrides=[("PIPELINE.STAGE3_ITERS", "0")])

@@ -193,10 +193,15 @@ def test_a_killed_pretraining_resumes_to_the_same_file(tmp_path):
     import hashlib
 
     def pretrain_cmd(root, env=None):
-        return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "pretrain",
-                               "--set", "PIPELINE.DATA_ROOT", str(root), "--set", "PIPELINE.PRETRAIN_ITERS", "6",
-                               "--set", "PIPELINE.PRETRAIN_SCENES", "10"],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+        # output to a file, not a pipe: a helper process outliving the killed one must not hold the test up
+        log = tmp_path / f"{root.name}-{len(list(tmp_path.glob('*.log')))}.log"
+        with open(log, "w") as out:
+            code = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "pretrain",
+                                   "--set", "PIPELINE.DATA_ROOT", str(root), "--set", "PIPELINE.PRETRAIN_ITERS", "6",
+                                   "--set", "PIPELINE.PRETRAIN_SCENES", "10"],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, timeout=600,
+                                  env=env).returncode
+        return subprocess.CompletedProcess([], code, log.read_text(), "")
 
     killed = pretrain_cmd(tmp_path / "a", {**os.environ, "FRCNN_FAULT": "kill:snapshots/iter_*.pt:3"})
     assert killed.returncode == -9, killed.stdout + killed.stderr
